@@ -1,0 +1,68 @@
+"""The configuration tree refuses bad values when it is built, naming value and limit."""
+
+import json
+
+import pytest
+
+from trilut.config import EngineConfig, design_for_board, load_board
+from trilut.generate import generate
+
+
+def test_kv260_defaults_follow_tellme():
+    design = design_for_board("kv260")
+    e = design.engine
+    assert (e.group_size, e.tables_per_step, e.columns_per_cycle) == (3, 28, 16)
+    assert e.block_k == 84 and e.index_vector_bits == 140
+    assert e.weight_buffer_urams() <= design.board.resources.uram
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"group_size": 0}, "group_size must be a positive integer, not 0"),
+    ({"group_size": 7}, "group_size must be 2, 3, 4 or 5, not 7"),
+    ({"tables_per_step": "28"}, "tables_per_step must be a positive integer, not '28'"),
+    ({"columns_per_cycle": -1}, "columns_per_cycle must be a positive integer"),
+    ({"mirror": 1}, "mirror must be true or false"),
+    ({"act_bits": 4}, "act_bits must be 8"),
+])
+def test_engine_rejects_bad_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        EngineConfig(**kwargs)
+
+
+def test_engine_that_does_not_fit_the_board_is_refused():
+    with pytest.raises(ValueError, match=r"does not fit board kv260: .* needs 126 URAM288 but the board has 64"):
+        design_for_board("kv260", columns_per_cycle=32)
+
+
+def test_shape_beyond_max_k_is_refused():
+    e = EngineConfig(max_k=168)
+    e.check_shape(168, 10)
+    with pytest.raises(ValueError, match="K = 169 exceeds the engine's max_k = 168"):
+        e.check_shape(169, 10)
+
+
+def test_unknown_and_malformed_boards(tmp_path):
+    with pytest.raises(ValueError, match="unknown board 'zcu999'; known boards: kv260"):
+        load_board("zcu999")
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[board]\nname = "x"\n')
+    with pytest.raises(ValueError, match=r"bad.toml: missing key 'resources'"):
+        load_board(str(bad))
+
+
+def test_generate_writes_verilog_and_manifest(tmp_path):
+    design = design_for_board("kv260", tables_per_step=2, columns_per_cycle=2, accumulator_depth=4)
+    manifest = generate(design, tmp_path)
+    assert (tmp_path / "tlmm_engine.v").read_text().count("module tlmm_engine") == 1
+    on_disk = json.loads((tmp_path / "manifest.json").read_text())
+    assert on_disk == manifest
+    ports = {p["name"]: p for p in manifest["ports"]["tlmm_engine"]}
+    assert ports["weights__payload"]["width"] == design.engine.weight_beat_bits
+    assert ports["acts__payload"]["width"] == design.engine.act_beat_bits
+    assert ports["results__payload"]["width"] == 2 * design.engine.acc_width
+    assert ports["results__valid"]["direction"] == "output"
+    # Every manifest port is a port of the Verilog module, with that width.
+    verilog = (tmp_path / "tlmm_engine.v").read_text()
+    for p in manifest["ports"]["tlmm_engine"]:
+        width = f"[{p['width'] - 1}:0] " if p["width"] > 1 else ""
+        assert f"  {p['direction']} {width}{p['name']};" in verilog

@@ -1,0 +1,85 @@
+"""The generator: a design configuration -> Verilog + manifest.
+
+Everything written here comes from the design objects (STYLE.md principle 7): the port list
+from the component signatures, the parameters from the frozen configuration.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from amaranth.back import verilog
+from amaranth.hdl import Value
+from amaranth.lib import wiring
+
+from trilut import __version__
+from trilut.config import DesignConfig
+from trilut.hdl.tlmm_engine import TlmmEngine
+
+__all__ = ["design_components", "component_ports", "generate"]
+
+MANIFEST_VERSION = 1
+
+
+def design_components(design: DesignConfig) -> dict[str, wiring.Component]:
+    """The top-level components of the design, by Verilog module name."""
+    return {"tlmm_engine": TlmmEngine(design.engine)}
+
+
+def component_ports(component: wiring.Component) -> list[dict]:
+    """Verilog ports of a component as Amaranth names them (``<member>__<sub>``)."""
+    ports = [{"name": "clk", "direction": "input", "width": 1},
+             {"name": "rst", "direction": "input", "width": 1}]
+    for path, member, value in component.signature.flatten(component):
+        ports.append({
+            "name": "__".join(str(p) for p in path),
+            "direction": "input" if member.flow == wiring.In else "output",
+            "width": len(Value.cast(value)),
+        })
+    return ports
+
+
+def _engine_parameters(design: DesignConfig) -> dict:
+    e = design.engine
+    return {
+        **asdict(e),
+        "block_k": e.block_k,
+        "index_bits": e.index_bits,
+        "table_entries": e.table_entries,
+        "entry_width": e.entry_width,
+        "acc_width": e.acc_width,
+        "weight_beat_bits": e.weight_beat_bits,
+        "act_beat_bits": e.act_beat_bits,
+        "weight_buffer_urams": e.weight_buffer_urams(),
+    }
+
+
+def generate(design: DesignConfig, out: Path) -> dict:
+    """Write each component's Verilog and ``manifest.json`` into ``out``; return the manifest."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {}
+    ports = {}
+    for name, component in design_components(design).items():
+        text = verilog.convert(component, name=name)
+        path = out / f"{name}.v"
+        path.write_text(text)
+        files[name] = {"file": path.name, "sha256": hashlib.sha256(text.encode()).hexdigest(),
+                       "lines": text.count("\n")}
+        ports[name] = component_ports(component)
+    board = design.board
+    manifest = {
+        "manifest_version": MANIFEST_VERSION,
+        "generator": f"trilut {__version__}",
+        "board": {"name": board.name, "part": board.part, "family": board.family,
+                  "clock_mhz": board.clock_mhz, "ddr_bytes_per_second": board.ddr_bytes_per_second,
+                  "resources": board.resources.as_dict()},
+        "engine": _engine_parameters(design),
+        "modules": files,
+        "ports": ports,
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
