@@ -21,7 +21,7 @@ D cycles; partial sums live in an accumulator memory of D words of C x acc_width
 from __future__ import annotations
 
 import numpy as np
-from amaranth.hdl import Array, Const, Elaboratable, Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
@@ -39,11 +39,6 @@ def _act_layout(cfg: EngineConfig) -> data.ArrayLayout:
     return data.ArrayLayout(signed(cfg.act_bits), cfg.block_k)
 
 
-def _table_layout(cfg: EngineConfig) -> data.ArrayLayout:
-    return data.ArrayLayout(data.ArrayLayout(signed(cfg.entry_width), cfg.table_entries),
-                            cfg.tables_per_step)
-
-
 def _index_layout(cfg: EngineConfig) -> data.ArrayLayout:
     """One weight beat: ``C`` columns of ``T`` indices; field (c, t) at bit (c*T + t)*b."""
     return data.ArrayLayout(data.ArrayLayout(unsigned(cfg.index_bits), cfg.tables_per_step),
@@ -59,11 +54,16 @@ class TableBuilder(wiring.Component):
 
     Entry ``e`` of table ``t`` is ``sum_i p[e][i] * acts[t*G + i]`` with ``p`` the constant
     ternary pattern of entry ``e`` (``TableCode.entry_patterns``); only adds and subtracts.
+    Ports are arrays of narrow signals rather than one wide vector: Verilator turns slices of
+    multi-thousand-bit vectors into word-by-word C++, which made the kv260 build 10x slower.
     """
 
     def __init__(self, cfg: EngineConfig):
         self._cfg = cfg
-        super().__init__({"acts": In(_act_layout(cfg)), "tables": Out(_table_layout(cfg))})
+        super().__init__({
+            "acts": In(signed(cfg.act_bits)).array(cfg.block_k),
+            "tables": Out(signed(cfg.entry_width)).array(cfg.tables_per_step, cfg.table_entries),
+        })
 
     def elaborate(self, platform):
         m = Module()
@@ -92,8 +92,8 @@ class ColumnLookup(wiring.Component):
         self._cfg = cfg
         self.sum_width = cfg.entry_width + max(1, (cfg.tables_per_step - 1).bit_length())
         super().__init__({
-            "tables": In(_table_layout(cfg)),
-            "indices": In(data.ArrayLayout(unsigned(cfg.index_bits), cfg.tables_per_step)),
+            "tables": In(signed(cfg.entry_width)).array(cfg.tables_per_step, cfg.table_entries),
+            "indices": In(unsigned(cfg.index_bits)).array(cfg.tables_per_step),
             "sum": Out(signed(self.sum_width)),
         })
 
@@ -103,15 +103,22 @@ class ColumnLookup(wiring.Component):
         code = cfg.code
         terms = []
         for t in range(cfg.tables_per_step):
-            entries = Array(self.tables[t][e] for e in range(code.entries))
+            # A lookup is a word select from the table's entries laid side by side: one
+            # shift in Verilator's C++ (an Array index became a 14-branch if-chain per lookup,
+            # 448 of them in the kv260 engine); yosys maps either to the same LUT mux tree.
+            row = Cat(*self.tables[t])
             index = self.indices[t]
             term = Signal(signed(cfg.entry_width + 1), name=f"term{t}")
             if code.mirror:
-                magnitude = entries[index[:code.magnitude_bits]]
+                magnitude = Signal(signed(cfg.entry_width), name=f"magnitude{t}")
+                m.d.comb += magnitude.eq(row.word_select(index[:code.magnitude_bits],
+                                                         cfg.entry_width))
                 # The sign-mirror trick: half the table, the sign folded into the adder tree.
                 m.d.comb += term.eq(Mux(index[code.magnitude_bits], -magnitude, magnitude))
             else:
-                m.d.comb += term.eq(entries[index])
+                entry = Signal(signed(cfg.entry_width), name=f"entry{t}")
+                m.d.comb += entry.eq(row.word_select(index, cfg.entry_width))
+                m.d.comb += term.eq(entry)
             terms.append(term)
         # Balanced adder tree.
         while len(terms) > 1:
@@ -163,7 +170,8 @@ class TlmmEngine(wiring.Component):
         addr_width = max(1, (depth - 1).bit_length())
 
         m.submodules.table_builder = builder = TableBuilder(cfg)
-        tables = Signal(_table_layout(cfg))
+        tables = [[Signal(signed(cfg.entry_width), name=f"table{t}_{e}")
+                   for e in range(cfg.table_entries)] for t in range(cfg.tables_per_step)]
 
         m.submodules.accumulators = accs = Memory(
             shape=_result_layout(cfg), depth=depth, init=[])
@@ -186,13 +194,14 @@ class TlmmEngine(wiring.Component):
 
         # ---- pipeline registers ------------------------------------------------------------
         s1_valid = Signal()
-        s1_idx = Signal(_index_layout(cfg))
+        s1_idx = [[Signal(cfg.index_bits, name=f"s1_idx{c}_{t}")
+                   for t in range(cfg.tables_per_step)] for c in range(C)]
         s1_d = Signal(addr_width)
         s1_first = Signal()
         s1_last = Signal()
 
         s2_valid = Signal()
-        s2_partial = Signal(data.ArrayLayout(signed(cfg.acc_width), C))
+        s2_partial = [Signal(signed(cfg.acc_width), name=f"s2_partial{c}") for c in range(C)]
         s2_old = Signal(_result_layout(cfg))
         s2_d = Signal(addr_width)
         s2_first = Signal()
@@ -218,14 +227,16 @@ class TlmmEngine(wiring.Component):
             take.eq(can_take),
             self.weights.ready.eq(s1_free & ~hazard & (~new_block | self.acts.valid)),
             self.acts.ready.eq(s1_free & ~hazard & new_block & self.weights.valid),
-            builder.acts.eq(self.acts.payload),
+            *(builder.acts[j].eq(self.acts.payload[j]) for j in range(cfg.block_k)),
             rd.addr.eq(d),
             rd.en.eq(take),
         ]
 
         with m.If(take):
             with m.If(new_block):
-                m.d.sync += tables.eq(builder.tables)
+                m.d.sync += [tables[t][e].eq(builder.tables[t][e])
+                             for t in range(cfg.tables_per_step)
+                             for e in range(cfg.table_entries)]
             with m.If(d == tile_depth - 1):
                 m.d.sync += d.eq(0)
                 with m.If(last):
@@ -242,14 +253,17 @@ class TlmmEngine(wiring.Component):
         with m.If(s1_free):
             m.d.sync += s1_valid.eq(take)
         with m.If(take):
-            m.d.sync += [s1_idx.eq(self.weights.payload), s1_d.eq(d),
-                         s1_first.eq(first), s1_last.eq(last)]
+            m.d.sync += [s1_idx[c][t].eq(self.weights.payload[c][t])
+                         for c in range(C) for t in range(cfg.tables_per_step)]
+            m.d.sync += [s1_d.eq(d), s1_first.eq(first), s1_last.eq(last)]
 
         # ---- S1: lookups and adder trees; the accumulator read lands here -----------------
         for c in range(C):
             lookup = ColumnLookup(cfg)
             m.submodules[f"column{c}"] = lookup
-            m.d.comb += [lookup.tables.eq(tables), lookup.indices.eq(s1_idx[c])]
+            m.d.comb += [lookup.tables[t][e].eq(tables[t][e])
+                         for t in range(cfg.tables_per_step) for e in range(cfg.table_entries)]
+            m.d.comb += [lookup.indices[t].eq(s1_idx[c][t]) for t in range(cfg.tables_per_step)]
             with m.If(s1_advance):
                 m.d.sync += s2_partial[c].eq(lookup.sum)
 

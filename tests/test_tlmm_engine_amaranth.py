@@ -103,13 +103,15 @@ def test_table_builder_and_lookup_models():
     expected_tables = builder.model(acts)
 
     async def testbench(ctx):
-        ctx.set(builder.acts.as_value(), nm.pack_fields(acts & 0xFF, 8))
-        ctx.set(lookup.tables.as_value(), ctx.get(builder.tables.as_value()))
-        ctx.set(lookup.indices.as_value(), nm.pack_fields(idx, cfg.index_bits))
-        tables = ctx.get(builder.tables.as_value())
-        got = nm.unpack_fields(tables, cfg.entry_width, cfg.tables_per_step * cfg.table_entries,
-                               signed=True)
-        np.testing.assert_array_equal(got.reshape(expected_tables.shape), expected_tables)
+        for j, a in enumerate(acts):
+            ctx.set(builder.acts[j], int(a))
+        for t in range(cfg.tables_per_step):
+            ctx.set(lookup.indices[t], int(idx[t]))
+            for e in range(cfg.table_entries):
+                ctx.set(lookup.tables[t][e], ctx.get(builder.tables[t][e]))
+        got = np.array([[ctx.get(builder.tables[t][e]) for e in range(cfg.table_entries)]
+                        for t in range(cfg.tables_per_step)])
+        np.testing.assert_array_equal(got, expected_tables)
         expected_sum = nm.lookup(expected_tables, idx[:, None], cfg.code).sum()
         assert ctx.get(lookup.sum) == expected_sum
 

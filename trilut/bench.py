@@ -1,0 +1,100 @@
+"""Benchmark: TLMM engine cycles on Verilator against the ideal, with resource estimates.
+
+For each engine configuration that the test suite verifies (and the kv260 design point) it
+runs one M x K x N matmul with streams that never stall and prints:
+
+* measured cycles (first weight beat taken .. last result beat out, cycle-accurate),
+* the engine's ideal, one weight beat per cycle: M x ceil(K / GT) x ceil(N / C),
+* efficiency = ideal / measured, and the padding efficiency M*K*N / (G*T*C) / ideal,
+* the yosys resource estimate (LUT, FF, DSP, BRAM36, URAM) of that configuration.
+
+Speed and size targets live here, never in timed tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from trilut.config import EngineConfig, design_for_board
+from trilut.sim.tlmm_run import TlmmCase, run_tlmm_cases
+
+__all__ = ["BENCH_CONFIGS", "run_tlmm_benchmark"]
+
+
+@dataclass(frozen=True)
+class BenchPoint:
+    name: str
+    engine: EngineConfig
+    shape: tuple[int, int, int]          # M, K, N
+    quick_shape: tuple[int, int, int]
+
+
+def _configs() -> list[BenchPoint]:
+    kv260 = design_for_board("kv260").engine
+    return [
+        BenchPoint("G3T2C2D4 mirror (test)", EngineConfig(
+            group_size=3, tables_per_step=2, columns_per_cycle=2, accumulator_depth=64,
+            max_k=1536), (1, 1536, 512), (1, 384, 128)),
+        BenchPoint("G2T3C3D2 full (test)", EngineConfig(
+            group_size=2, tables_per_step=3, columns_per_cycle=3, accumulator_depth=2,
+            max_k=1536, mirror=False), (1, 1536, 384), (1, 384, 96)),
+        BenchPoint("G4T2C4D8 mirror (test)", EngineConfig(
+            group_size=4, tables_per_step=2, columns_per_cycle=4, accumulator_depth=8,
+            max_k=1536), (1, 1536, 512), (1, 384, 128)),
+        # BitNet 0.73B q_proj (1536 x 1536) on TeLLMe's KV260 point, 4 prompt tokens.
+        BenchPoint("kv260 G3T28C16D256 mirror", kv260, (4, 1536, 1536), (1, 1536, 1536)),
+    ]
+
+
+BENCH_CONFIGS = _configs
+
+
+def run_tlmm_benchmark(*, quick: bool = False, resources: bool = True,
+                       console: Console | None = None) -> list[dict]:
+    console = console or Console()
+    rows = []
+    points = _configs()
+    with console.status("") as status:
+        for i, point in enumerate(points, 1):
+            m, k, n = point.quick_shape if quick else point.shape
+            status.update(f"[{i}/{len(points)}] {point.name}: {m}x{k}x{n} on Verilator")
+            rng = np.random.default_rng(i)
+            case = TlmmCase("bench", rng.integers(-128, 128, (m, k)), rng.integers(-1, 2, (n, k)))
+            (outcome,), sim = run_tlmm_cases(point.engine, [case])
+            e = point.engine
+            row = {
+                "config": point.name, "m": m, "k": k, "n": n,
+                "cycles": outcome.cycles, "ideal_cycles": outcome.ideal_cycles,
+                "efficiency": outcome.ideal_cycles / outcome.cycles,
+                "padding_efficiency": m * k * n / (e.block_k * e.columns_per_cycle)
+                / outcome.ideal_cycles,
+                "bit_exact": bool(outcome.exact),
+                "sim_seconds": sim.run_seconds, "build_seconds": sim.build_seconds,
+            }
+            if resources:
+                from trilut.hdl import resources as res
+                from trilut.hdl.tlmm_engine import TlmmEngine
+                status.update(f"[{i}/{len(points)}] {point.name}: yosys resource estimate")
+                report = res.estimate(TlmmEngine(e), name="tlmm_engine")
+                row.update({key: report.total.get(key) for key in
+                            ("lut", "ff", "dsp", "bram36", "uram")})
+            rows.append(row)
+
+    table = Table(title="TLMM engine: cycles on Verilator (no stalls) vs ideal")
+    for col in ("config", "M x K x N", "cycles", "ideal", "ideal/measured", "padding eff.",
+                "exact", "LUT", "FF", "DSP", "BRAM36", "URAM"):
+        table.add_column(col, justify="left" if col == "config" else "right")
+    for r in rows:
+        def fmt(key):
+            v = r.get(key)
+            return "-" if v is None else f"{v:g}"
+        table.add_row(r["config"], f"{r['m']}x{r['k']}x{r['n']}", str(r["cycles"]),
+                      str(r["ideal_cycles"]), f"{r['efficiency']:.4f}",
+                      f"{r['padding_efficiency']:.3f}", "yes" if r["bit_exact"] else "NO",
+                      fmt("lut"), fmt("ff"), fmt("dsp"), fmt("bram36"), fmt("uram"))
+    console.print(table)
+    return rows
