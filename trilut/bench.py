@@ -22,7 +22,7 @@ from rich.table import Table
 from trilut.config import EngineConfig, design_for_board
 from trilut.sim.tlmm_run import TlmmCase, run_tlmm_cases
 
-__all__ = ["BENCH_CONFIGS", "run_tlmm_benchmark"]
+__all__ = ["run_tlmm_benchmark"]
 
 
 @dataclass(frozen=True)
@@ -36,21 +36,20 @@ class BenchPoint:
 def _configs() -> list[BenchPoint]:
     kv260 = design_for_board("kv260").engine
     return [
-        BenchPoint("G3T2C2D4 mirror (test)", EngineConfig(
+        BenchPoint("small, as tested", EngineConfig(
             group_size=3, tables_per_step=2, columns_per_cycle=2, accumulator_depth=64,
             max_k=1536), (1, 1536, 512), (1, 384, 128)),
-        BenchPoint("G2T3C3D2 full (test)", EngineConfig(
+        BenchPoint("D=2 interlock, as tested", EngineConfig(
             group_size=2, tables_per_step=3, columns_per_cycle=3, accumulator_depth=2,
             max_k=1536, mirror=False), (1, 1536, 384), (1, 384, 96)),
-        BenchPoint("G4T2C4D8 mirror (test)", EngineConfig(
+        BenchPoint("G=4, as tested", EngineConfig(
             group_size=4, tables_per_step=2, columns_per_cycle=4, accumulator_depth=8,
             max_k=1536), (1, 1536, 512), (1, 384, 128)),
         # BitNet 0.73B q_proj (1536 x 1536) on TeLLMe's KV260 point, 4 prompt tokens.
-        BenchPoint("kv260 G3T28C16D256 mirror", kv260, (4, 1536, 1536), (1, 1536, 1536)),
+        BenchPoint("kv260 (TeLLMe point)", kv260, (4, 1536, 1536), (1, 1536, 1536)),
     ]
 
 
-BENCH_CONFIGS = _configs
 
 
 def run_tlmm_benchmark(*, quick: bool = False, resources: bool = True,
@@ -64,10 +63,12 @@ def run_tlmm_benchmark(*, quick: bool = False, resources: bool = True,
             status.update(f"[{i}/{len(points)}] {point.name}: {m}x{k}x{n} on Verilator")
             rng = np.random.default_rng(i)
             case = TlmmCase("bench", rng.integers(-128, 128, (m, k)), rng.integers(-1, 2, (n, k)))
-            (outcome,), sim = run_tlmm_cases(point.engine, [case])
             e = point.engine
+            (outcome,), sim = run_tlmm_cases(e, [case])
             row = {
-                "config": point.name, "m": m, "k": k, "n": n,
+                "config": f"{point.name}: G{e.group_size} T{e.tables_per_step} "
+                          f"C{e.columns_per_cycle} D{e.accumulator_depth} "
+                          f"{'mirror' if e.mirror else 'full'}", "m": m, "k": k, "n": n,
                 "cycles": outcome.cycles, "ideal_cycles": outcome.ideal_cycles,
                 "efficiency": outcome.ideal_cycles / outcome.cycles,
                 "padding_efficiency": m * k * n / (e.block_k * e.columns_per_cycle)

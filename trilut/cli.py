@@ -25,7 +25,8 @@ DEFAULT_LAYER = "layers.0.mlp.down_proj"
 
 
 def _console() -> Console:
-    return Console(stderr=False, highlight=False)
+    # Tables stay readable when the output is a file or a pipe (rich would assume 80 columns).
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 150)
 
 
 def _tokens(prompt: str, vocab_size: int) -> list[int]:
@@ -127,7 +128,8 @@ def cmd_demo(args) -> int:
 
 def cmd_bench(args) -> int:
     from trilut.bench import run_tlmm_benchmark
-    rows = run_tlmm_benchmark(quick=args.quick, resources=not args.no_resources)
+    rows = run_tlmm_benchmark(quick=args.quick, resources=not args.no_resources,
+                              console=_console())
     if args.json:
         print(json.dumps(rows, indent=2))
     return 0
