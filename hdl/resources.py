@@ -356,6 +356,8 @@ def _run_yosys(work: Path, name: str, timeout: float | None, log_hint: Path) -> 
     from rich.console import Console
     console = Console(stderr=True)
     start = time.monotonic()
+    # The log the error messages point at exists even if yosys is killed before it starts.
+    (work / "yosys.log").touch()
     with open(work / "yosys.out", "wb") as out:
         proc = subprocess.Popen([*_yosys_command(), "-q", "-l", "yosys.log", "-s", "synth.ys"],
                                 cwd=work, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
