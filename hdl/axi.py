@@ -1,0 +1,349 @@
+"""AXI4 read channels and a streaming AXI4 read master (the accelerator's DDR reader).
+
+Only the read half of AXI4 is here: the accelerator streams weights and KV-cache blocks out of
+DDR. The write half (KV cache, results) gets its own master when it is needed.
+
+Signatures (member directions as seen by the *master*; flip them for a slave):
+
+* :class:`AxiReadAddressSignature` (AR): ``araddr``, ``arlen``, ``arsize``, ``arburst``,
+  ``arvalid`` out; ``arready`` in; ``arid`` out when ``id_width > 0``.
+* :class:`AxiReadDataSignature` (R), written from the slave's side and used flipped by the
+  master: ``rdata``, ``rresp``, ``rlast``, ``rvalid`` (and ``rid``) out of the slave,
+  ``rready`` into it.
+* :class:`AxiReadSignature`: ``ar: Out(AR)`` and ``r: In(R)``, so the master's ports flatten
+  to ``axi__ar__araddr`` ... ``axi__r__rready``.
+
+Defaults: 128-bit data (the width of a ZynqMP S_AXI_HP port in its widest mode, and what the
+PS DDR controller serves per port) and 40-bit addresses. 40 bits is the ZynqMP's physical
+address map (1 TB): the KV260's 4 GB of DDR4 sits in two windows, 2 GB at ``0x0`` and 2 GB at
+``0x8_0000_0000``, and the upper one needs 36 bits, so 32-bit addresses could reach only half of
+the memory. The HP ports are 49 bits wide; the bits above 40 tie to zero in the block design.
+The 8 extra bits over 32 cost nothing measurable (one address register and adder).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+from amaranth.hdl import Const, Module, Mux, Signal, unsigned
+from amaranth.lib import data, fifo, stream, wiring
+from amaranth.lib.wiring import In, Out
+
+__all__ = [
+    "BURST_INCR", "RESP_OKAY", "PAGE_BYTES",
+    "AxiReadAddressSignature", "AxiReadDataSignature", "AxiReadSignature",
+    "AxiReadMaster", "check_axi_widths", "split_bursts",
+]
+
+#: ``arburst`` encoding of an incrementing burst (AXI4 A3.4.1).
+BURST_INCR = 0b01
+#: ``rresp`` OKAY; 0b10 is SLVERR and 0b11 DECERR.
+RESP_OKAY = 0b00
+#: AXI4 rule (A3.4.1): no burst may cross a 4 KiB address boundary.
+PAGE_BYTES = 4096
+#: AXI4 INCR bursts are 1..256 beats (``arlen`` is 8 bits: beats - 1).
+AXI4_MAX_BURST = 256
+
+
+def check_axi_widths(*, data_width, addr_width, id_width) -> None:
+    """Refuse widths that AXI4 (or this implementation) does not allow, quoting the value."""
+    if not (isinstance(data_width, int) and 8 <= data_width <= 1024
+            and data_width & (data_width - 1) == 0):
+        raise ValueError(f"data_width must be a power of two from 8 to 1024 bits (AXI4), "
+                         f"not {data_width!r}")
+    if not (isinstance(addr_width, int) and 12 <= addr_width <= 64):
+        raise ValueError(f"addr_width must be an integer from 12 to 64, not {addr_width!r}")
+    if not (isinstance(id_width, int) and 0 <= id_width <= 16):
+        raise ValueError(f"id_width must be an integer from 0 to 16, not {id_width!r}")
+
+
+class AxiReadAddressSignature(wiring.Signature):
+    """AXI4 AR channel, master's view. ``arsize``: log2(bytes per beat); ``arlen``: beats - 1."""
+
+    def __init__(self, *, addr_width: int = 40, id_width: int = 0):
+        check_axi_widths(data_width=128, addr_width=addr_width, id_width=id_width)
+        self.addr_width = addr_width
+        self.id_width = id_width
+        members = {
+            "araddr": Out(addr_width),
+            "arlen": Out(8),
+            "arsize": Out(3),
+            "arburst": Out(2),
+            "arvalid": Out(1),
+            "arready": In(1),
+        }
+        if id_width:
+            members["arid"] = Out(id_width)
+        super().__init__(members)
+
+
+class AxiReadDataSignature(wiring.Signature):
+    """AXI4 R channel, slave's view (the slave drives ``rdata``; the master uses it flipped)."""
+
+    def __init__(self, *, data_width: int = 128, id_width: int = 0):
+        check_axi_widths(data_width=data_width, addr_width=40, id_width=id_width)
+        self.data_width = data_width
+        self.id_width = id_width
+        members = {
+            "rdata": Out(data_width),
+            "rresp": Out(2),
+            "rlast": Out(1),
+            "rvalid": Out(1),
+            "rready": In(1),
+        }
+        if id_width:
+            members["rid"] = Out(id_width)
+        super().__init__(members)
+
+
+class AxiReadSignature(wiring.Signature):
+    """An AXI4 read port, master's view: ``ar`` out, ``r`` in."""
+
+    def __init__(self, *, data_width: int = 128, addr_width: int = 40, id_width: int = 0):
+        check_axi_widths(data_width=data_width, addr_width=addr_width, id_width=id_width)
+        self.data_width = data_width
+        self.addr_width = addr_width
+        self.id_width = id_width
+        super().__init__({
+            "ar": Out(AxiReadAddressSignature(addr_width=addr_width, id_width=id_width)),
+            "r": In(AxiReadDataSignature(data_width=data_width, id_width=id_width)),
+        })
+
+
+def split_bursts(addr: int, length: int, *, bytes_per_beat: int,
+                 max_burst: int = AXI4_MAX_BURST) -> list[tuple[int, int]]:
+    """The INCR bursts that read ``length`` beats from byte address ``addr``: a list of
+    ``(araddr, beats)``. Each burst is as long as possible: at most ``max_burst`` beats and
+    never across a 4 KiB boundary. The low address bits below a beat are taken as zero."""
+    addr -= addr % bytes_per_beat
+    bursts = []
+    while length > 0:
+        to_page_end = (PAGE_BYTES - addr % PAGE_BYTES) // bytes_per_beat
+        beats = min(length, max_burst, to_page_end)
+        bursts.append((addr, beats))
+        addr += beats * bytes_per_beat
+        length -= beats
+    return bursts
+
+
+class AxiReadMaster(wiring.Component):
+    """Streams words out of memory over AXI4: read commands in, data words out, in order.
+
+    Streams (``amaranth.lib.stream``: a beat moves on a clock edge where valid and ready are
+    both high):
+
+    * ``cmd`` in: ``addr`` (byte address; the bits below one word are ignored, taken as zero)
+      and ``length`` (words, ``length_width`` bits; a length of 0 reads nothing).
+    * ``data`` out: the ``length`` words at ``addr``, ``addr + bytes_per_word``, ..., for each
+      command in the order the commands were taken; one ``data_width``-bit word per beat.
+
+    AXI side (``axi``, :class:`AxiReadSignature`): INCR bursts of full-width beats
+    (``arsize = log2(data_width / 8)``), fixed ID 0, so the slave returns them in order.
+    A command is split into bursts of at most ``max_burst`` beats that never cross a 4 KiB
+    boundary (:func:`split_bursts` is the exact split). ``arvalid`` and ``araddr/arlen`` come
+    from registers; ``rready`` is high whenever the data buffer can take a beat.
+
+    Latency hiding: up to ``max_outstanding`` bursts are in flight at once. A burst is issued
+    only when the data buffer (``buffer_depth`` words, a ``SyncFIFOBuffered``) has room for
+    every one of its beats, counting the beats of the bursts already in flight (credits: taken
+    when the AR is issued, returned when a word leaves on ``data``). So backpressure on
+    ``data`` never drops a beat, and ``rready`` stays high: the master never stalls the R
+    channel, which matters on a shared interconnect.
+
+    Latency: a command taken on cycle ``c`` drives its first AR on cycle ``c + 2``; an R beat
+    taken on cycle ``t`` is offered on ``data`` on cycle ``t + 2`` at the earliest.
+
+    Throughput: one word per cycle, so it follows the memory's bandwidth (``rate`` beats per
+    cycle) as long as the words in flight cover the round trip. A credit comes back
+    ``latency + 4`` cycles after it was taken, and a burst slot ``latency + 2`` cycles after
+    its burst's last beat, so the memory never waits when ``buffer_depth >= max_burst +
+    rate * (latency + 4)`` and any ``max_outstanding - 1`` consecutive bursts hold
+    ``rate * (latency + 2)`` beats (calibrated against the simulation;
+    :meth:`hides_latency` checks both for a list of commands). One AR per cycle, so commands
+    as short as one word still go out back to back. :meth:`expected_cycles` is exact when
+    :meth:`hides_latency` holds, ``data`` is never stalled and the slave queues at least
+    ``max_outstanding`` ARs.
+
+    ``error`` goes high, and stays high, after any R beat with a response other than OKAY; the
+    data of such a beat is passed on as received. ``idle`` is high when no command is being
+    split, no burst is in flight and no word is waiting on ``data``.
+    """
+
+    def __init__(self, *, data_width: int = 128, addr_width: int = 40, id_width: int = 0,
+                 length_width: int = 24, max_burst: int = AXI4_MAX_BURST,
+                 max_outstanding: int = 4, buffer_depth: "int | None" = None):
+        check_axi_widths(data_width=data_width, addr_width=addr_width, id_width=id_width)
+        if not (isinstance(length_width, int) and 1 <= length_width <= addr_width):
+            raise ValueError(f"length_width must be an integer from 1 to addr_width "
+                             f"({addr_width}), not {length_width!r}")
+        if not (isinstance(max_burst, int) and 1 <= max_burst <= AXI4_MAX_BURST):
+            raise ValueError(f"max_burst must be an integer from 1 to {AXI4_MAX_BURST} "
+                             f"(AXI4 INCR), not {max_burst!r}")
+        if not (isinstance(max_outstanding, int) and max_outstanding >= 1):
+            raise ValueError(f"max_outstanding must be a positive integer, "
+                             f"not {max_outstanding!r}")
+        if buffer_depth is None:
+            # Two full bursts: one draining while the next one's latency elapses.
+            buffer_depth = max(3, 2 * max_burst)
+        if not (isinstance(buffer_depth, int) and buffer_depth >= max(3, max_burst)):
+            raise ValueError(f"buffer_depth must be an integer of at least max(3, max_burst) = "
+                             f"{max(3, max_burst)} (room for one whole burst), "
+                             f"not {buffer_depth!r}")
+        self.data_width = data_width
+        self.addr_width = addr_width
+        self.id_width = id_width
+        self.length_width = length_width
+        self.max_burst = max_burst
+        self.max_outstanding = max_outstanding
+        self.buffer_depth = buffer_depth
+        self.bytes_per_word = data_width // 8
+        self.cmd_layout = data.StructLayout({
+            "addr": unsigned(addr_width),
+            "length": unsigned(length_width),
+        })
+        super().__init__({
+            "cmd": In(stream.Signature(self.cmd_layout)),
+            "data": Out(stream.Signature(data_width)),
+            "axi": Out(AxiReadSignature(data_width=data_width, addr_width=addr_width,
+                                        id_width=id_width)),
+            "error": Out(1),
+            "idle": Out(1),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        ar, r = self.axi.ar, self.axi.r
+        size = (self.bytes_per_word - 1).bit_length()          # log2(bytes per beat)
+        page_words = PAGE_BYTES >> size
+
+        m.submodules.buffer = buffer = fifo.SyncFIFOBuffered(
+            width=self.data_width, depth=self.buffer_depth)
+
+        # ---- command splitter: (addr, remaining) of the command being cut into bursts --------
+        busy = Signal()
+        addr = Signal(self.addr_width)
+        remaining = Signal(self.length_width)
+        # Words to the next 4 KiB boundary: 1 .. page_words.
+        to_page_end = Signal(range(page_words + 1))
+        beats = Signal(range(AXI4_MAX_BURST + 1))
+        m.d.comb += to_page_end.eq(page_words - addr[size:12])
+        limit = Mux(to_page_end < self.max_burst, to_page_end, self.max_burst)
+        m.d.comb += beats.eq(Mux(remaining < limit, remaining, limit))
+        last_burst = remaining == beats
+
+        # Credits: words of buffer space not yet promised to an issued burst.
+        credits = Signal(range(self.buffer_depth + 1), init=self.buffer_depth)
+        outstanding = Signal(range(self.max_outstanding + 1))
+        ar_free = ~ar.arvalid | ar.arready
+        # issue -> cmd.ready is combinational: a 12-bit subtract and three compares. If it
+        # misses 250 MHz, register ``beats`` one cycle ahead; nothing else depends on it.
+        issue = Signal()
+        m.d.comb += issue.eq(busy & ar_free & (credits >= beats)
+                             & (outstanding < self.max_outstanding))
+
+        with m.If(issue):
+            m.d.sync += [
+                ar.arvalid.eq(1),
+                ar.araddr.eq(addr),
+                ar.arlen.eq(beats - 1),
+                addr.eq(addr + (beats << size)),
+                remaining.eq(remaining - beats),
+            ]
+            with m.If(last_burst):
+                m.d.sync += busy.eq(0)
+        with m.Elif(ar.arready):
+            m.d.sync += ar.arvalid.eq(0)
+        m.d.comb += [ar.arsize.eq(size), ar.arburst.eq(BURST_INCR)]
+        if self.id_width:
+            m.d.comb += ar.arid.eq(0)
+
+        # The next command is taken while the current one's last burst is issued, so
+        # commands follow each other without a gap on AR.
+        m.d.comb += self.cmd.ready.eq(~busy | (issue & last_burst))
+        with m.If(self.cmd.valid & self.cmd.ready):
+            m.d.sync += [
+                addr.eq(self.cmd.payload.addr & ~Const(self.bytes_per_word - 1, self.addr_width)),
+                remaining.eq(self.cmd.payload.length),
+                busy.eq(self.cmd.payload.length != 0),
+            ]
+
+        # ---- R channel into the buffer; credits and the outstanding-burst count ------------
+        r_take = r.rvalid & r.rready
+        m.d.comb += [
+            buffer.w_stream.payload.eq(r.rdata),
+            buffer.w_stream.valid.eq(r.rvalid),
+            # Always high by the credit rule; kept as the FIFO's ready so that a broken
+            # credit count stalls the bus instead of dropping a beat.
+            r.rready.eq(buffer.w_stream.ready),
+        ]
+        with m.If(r_take & (r.rresp != RESP_OKAY)):
+            m.d.sync += self.error.eq(1)
+        wiring.connect(m, buffer.r_stream, wiring.flipped(self.data))
+
+        word_out = self.data.valid & self.data.ready
+        m.d.sync += credits.eq(credits - Mux(issue, beats, 0) + word_out)
+        m.d.sync += outstanding.eq(outstanding + issue - (r_take & r.rlast))
+        m.d.comb += self.idle.eq(~busy & (outstanding == 0) & (credits == self.buffer_depth))
+        return m
+
+    # ---- what it computes, how long it takes --------------------------------------------------
+
+    def bursts(self, addr: int, length: int) -> list[tuple[int, int]]:
+        """The ``(araddr, beats)`` bursts this master issues for one command."""
+        return split_bursts(addr, length, bytes_per_beat=self.bytes_per_word,
+                            max_burst=self.max_burst)
+
+    def model(self, memory: Sequence[int], commands: Iterable[tuple[int, int]]) -> list[int]:
+        """Bit-exact model: the words of ``memory`` (indexed by word address, byte address
+        divided by ``bytes_per_word``) that the ``data`` stream carries for ``commands``,
+        a sequence of ``(byte address, length in words)``."""
+        words = []
+        for addr, length in commands:
+            first = addr // self.bytes_per_word
+            words.extend(memory[first + i] for i in range(length))
+        return words
+
+    @staticmethod
+    def beat_cycles(beats: int, *, beats_per_window: int = 1, window: int = 1) -> int:
+        """Cycles (first to last, inclusive) that ``beats`` R beats take at a sustained
+        ``beats_per_window / window``, with the token bucket of ``DdrModel`` starting full."""
+        if beats <= 0:
+            return 0
+        # Beat n (0-based) leaves on the first cycle k with floor(((k+1)b - 1) / w) >= n.
+        return -(-((beats - 1) * window + 1) // beats_per_window)
+
+    def hides_latency(self, commands: Iterable[tuple[int, int]], *, latency: int,
+                      beats_per_window: int = 1, window: int = 1) -> bool:
+        """True when the buffer and the burst slots keep enough words in flight to cover
+        ``latency`` at ``beats_per_window / window`` beats per cycle for these commands (the
+        condition in the class docstring), so the memory's bandwidth is the only limit."""
+        rate = beats_per_window / window
+        beats = [n for addr, length in commands for _, n in self.bursts(addr, length)]
+        if not beats:
+            return True
+        if self.buffer_depth < max(beats) + math.ceil(rate * (latency + 4)):
+            return False
+        # Burst j + max_outstanding is issued only after burst j's last beat: the bursts in
+        # between must keep the memory busy meanwhile.
+        need = math.ceil(rate * (latency + 2))
+        between = self.max_outstanding - 1
+        return all(sum(beats[j + 1:j + 1 + between]) >= need
+                   for j in range(len(beats) - self.max_outstanding))
+
+    def expected_cycles(self, commands: Iterable[tuple[int, int]], *, latency: int,
+                        beats_per_window: int = 1, window: int = 1) -> int:
+        """Cycles from the first command taken to the last word out, inclusive, for commands
+        presented back to back with ``data`` never stalled, against a memory that answers
+        ``latency`` cycles after each AR and then streams ``beats_per_window`` beats every
+        ``window`` cycles (``trilut.hdl.ddr_model.DdrModel``).
+
+        2 cycles from command to AR, ``latency`` to the first R beat, 2 through the buffer,
+        then the beats at the memory's rate. Exact when :meth:`hides_latency` holds;
+        otherwise a lower bound.
+        """
+        total = sum(length for _, length in commands)
+        if total == 0:
+            return 0
+        return 4 + latency + self.beat_cycles(total, beats_per_window=beats_per_window,
+                                              window=window)

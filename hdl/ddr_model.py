@@ -1,0 +1,286 @@
+"""A simulation-only DDR memory behind an AXI4 read port, written in Amaranth.
+
+:class:`DdrModel` runs inside the simulated design (Verilator), so a memory-bound simulation
+costs no Python per cycle: the testbench preloads the image once through the backdoor ``load``
+stream and then only exchanges commands and data. :class:`DdrReadHarness` wires an
+:class:`~trilut.hdl.axi.AxiReadMaster` to a :class:`DdrModel` for testbenches.
+
+The model is DDR4 as a (fixed latency, sustained bandwidth) pair, the two numbers a streaming
+accelerator's performance depends on. It does not model banks, row hits and misses, refresh,
+read/write turnaround or interconnect arbitration: their average cost belongs in the
+``beats_per_window / window`` rate and the ``latency`` chosen for a board (docs/memory.md).
+"""
+
+from __future__ import annotations
+
+from amaranth.hdl import Module, Mux, Signal, unsigned
+from amaranth.lib import data, fifo, stream, wiring
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import In, Out
+
+from .axi import (AXI4_MAX_BURST, BURST_INCR, PAGE_BYTES, RESP_OKAY, AxiReadMaster,
+                  AxiReadSignature, check_axi_widths)
+
+__all__ = ["VIOLATION_LAYOUT", "DdrModel", "DdrReadHarness"]
+
+#: Sticky flags of AXI4 rules broken by a master, one bit each.
+VIOLATION_LAYOUT = data.StructLayout({
+    "not_incr": 1,      # arburst was not INCR
+    "wrong_size": 1,    # arsize was not the full data width
+    "unaligned": 1,     # araddr not aligned to a beat
+    "crosses_4k": 1,    # the burst crosses a 4 KiB boundary (AXI4 A3.4.1)
+})
+
+# A free-running cycle counter stamps each AR with the cycle its data is due; entries are
+# compared by the sign of (now - due), which is right for latencies below 2**31 cycles.
+_TIME_WIDTH = 32
+
+
+class DdrModel(wiring.Component):
+    """AXI4 read slave over a memory of ``depth`` words, with fixed latency and bandwidth.
+
+    Ports:
+
+    * ``axi``: ``AxiReadSignature`` flipped (this is the slave). INCR bursts of full-width
+      beats. Byte address ``a`` reads word ``(a // bytes_per_word) % depth``: the memory
+      aliases across the address space, which lets a small model stand behind 40-bit addresses.
+    * ``load`` in (backdoor; ``ready`` is always high): ``word_addr`` and ``data``; one word
+      written per beat, one beat per cycle. For preloading an image; not to be mixed with
+      reads in flight.
+    * ``violations`` out: sticky flags (:data:`VIOLATION_LAYOUT`) of AXI4 rules broken by an
+      AR: not INCR, not full width, unaligned, or crossing a 4 KiB boundary.
+
+    Timing, both elaboration parameters:
+
+    * ``latency``: cycles from an AR handshake to its first R beat, when nothing is queued
+      before it and ``rready`` is high (at least 2).
+    * bandwidth: at most ``beats_per_window`` R beats in any ``window`` consecutive cycles, in
+      the long run, from a token bucket: every cycle adds ``beats_per_window`` tokens, a beat
+      costs ``window``, and the bucket holds ``window + beats_per_window - 1``, so an idle
+      memory does not save up a burst and a busy one sends beat ``n`` of a continuous run on
+      cycle ``ceil((n * window + 1) / beats_per_window) - 1`` after the first
+      (``AxiReadMaster.beat_cycles``).
+
+    Up to ``ar_queue_depth`` ARs wait in a queue (``arready`` is low when it is full), each
+    stamped with the cycle its data is due. Bursts are answered strictly in order (one ID
+    order, as AXI requires for equal IDs), back to back without a gap; ``rid`` echoes
+    ``arid``; ``rresp`` is always OKAY; ``rlast`` marks each burst's last beat. ``rvalid`` and
+    the R payload come from registers and hold while ``rready`` is low.
+    """
+
+    def __init__(self, *, depth: int, data_width: int = 128, addr_width: int = 40,
+                 id_width: int = 0, latency: int = 20, beats_per_window: int = 1,
+                 window: int = 1, ar_queue_depth: int = 8):
+        check_axi_widths(data_width=data_width, addr_width=addr_width, id_width=id_width)
+        if not (isinstance(depth, int) and depth >= 2 and depth & (depth - 1) == 0):
+            raise ValueError(f"depth must be a power of two of at least 2 words, not {depth!r}")
+        if depth * (data_width // 8) > 2 ** addr_width:
+            raise ValueError(f"depth {depth} words of {data_width} bits exceeds the "
+                             f"{addr_width}-bit address space")
+        if not (isinstance(latency, int) and 2 <= latency < 2 ** (_TIME_WIDTH - 1)):
+            raise ValueError(f"latency must be an integer of at least 2 cycles, not {latency!r}")
+        if not (isinstance(window, int) and window >= 1):
+            raise ValueError(f"window must be a positive integer, not {window!r}")
+        if not (isinstance(beats_per_window, int) and 1 <= beats_per_window <= window):
+            raise ValueError(f"beats_per_window must be an integer from 1 to window "
+                             f"({window}): at most one beat per cycle, "
+                             f"not {beats_per_window!r}")
+        if not (isinstance(ar_queue_depth, int) and ar_queue_depth >= 1):
+            raise ValueError(f"ar_queue_depth must be a positive integer, "
+                             f"not {ar_queue_depth!r}")
+        self.depth = depth
+        self.data_width = data_width
+        self.addr_width = addr_width
+        self.id_width = id_width
+        self.latency = latency
+        self.beats_per_window = beats_per_window
+        self.window = window
+        self.ar_queue_depth = ar_queue_depth
+        self.bytes_per_word = data_width // 8
+        self.word_addr_width = (depth - 1).bit_length()
+        self.load_layout = data.StructLayout({
+            "word_addr": unsigned(self.word_addr_width),
+            "data": unsigned(data_width),
+        })
+        super().__init__({
+            "axi": In(AxiReadSignature(data_width=data_width, addr_width=addr_width,
+                                       id_width=id_width)),
+            # Not ``always_ready``: a constant ready cannot become a top-level Verilog port,
+            # and this stream often is one (the testbench preloads through it).
+            "load": In(stream.Signature(self.load_layout)),
+            "violations": Out(VIOLATION_LAYOUT),
+        })
+
+    @property
+    def beats_per_cycle(self) -> float:
+        return self.beats_per_window / self.window
+
+    def word_index(self, byte_addr: int) -> int:
+        """The memory word that byte address ``byte_addr`` reads."""
+        return (byte_addr // self.bytes_per_word) % self.depth
+
+    def elaborate(self, platform):
+        m = Module()
+        ar, r = self.axi.ar, self.axi.r
+        size = (self.bytes_per_word - 1).bit_length()
+        b, w = self.beats_per_window, self.window
+
+        m.submodules.storage = storage = Memory(shape=self.data_width, depth=self.depth,
+                                                init=[])
+        backdoor = storage.write_port()
+        read = storage.read_port()
+        m.d.comb += [
+            self.load.ready.eq(1),
+            backdoor.addr.eq(self.load.payload.word_addr),
+            backdoor.data.eq(self.load.payload.data),
+            backdoor.en.eq(self.load.valid),
+        ]
+
+        now = Signal(_TIME_WIDTH)
+        m.d.sync += now.eq(now + 1)
+
+        # ---- AR queue: (first word, beats - 1, id, due cycle) -------------------------------
+        entry = data.StructLayout({
+            "word": unsigned(self.word_addr_width),
+            "len": unsigned(8),
+            "id": unsigned(max(1, self.id_width)),
+            "due": unsigned(_TIME_WIDTH),
+        })
+        m.submodules.ar_queue = queue = fifo.SyncFIFO(width=entry.size,
+                                                      depth=self.ar_queue_depth)
+        pushed = Signal(entry)
+        m.d.comb += [
+            pushed.word.eq(ar.araddr[size:size + self.word_addr_width]),
+            pushed.len.eq(ar.arlen),
+            # An AR taken on cycle t is readable from the queue on t + 1, its first beat is
+            # issued to the read port on t + latency - 1 and offered on R on t + latency.
+            pushed.due.eq(now + (self.latency - 1)),
+            queue.w_data.eq(pushed),
+            queue.w_en.eq(ar.arvalid),
+            ar.arready.eq(queue.w_rdy),
+        ]
+        if self.id_width:
+            m.d.comb += pushed.id.eq(ar.arid)
+
+        ar_take = ar.arvalid & ar.arready
+        end_byte = ar.araddr[:12] + ((ar.arlen + 1) << size)
+        with m.If(ar_take):
+            with m.If(ar.arburst != BURST_INCR):
+                m.d.sync += self.violations.not_incr.eq(1)
+            with m.If(ar.arsize != size):
+                m.d.sync += self.violations.wrong_size.eq(1)
+            if size:
+                with m.If(ar.araddr[:size] != 0):
+                    m.d.sync += self.violations.unaligned.eq(1)
+            with m.If(end_byte > PAGE_BYTES):
+                m.d.sync += self.violations.crosses_4k.eq(1)
+
+        head = data.View(entry, queue.r_data)
+        since_due = Signal(_TIME_WIDTH)
+        m.d.comb += since_due.eq(now - head.due)
+        head_ready = queue.r_rdy & ~since_due[-1]
+
+        # ---- bandwidth: token bucket --------------------------------------------------------
+        cap = w + b - 1
+        tokens = Signal(range(cap + 1), init=cap)
+
+        # ---- burst engine: issue one beat's read per cycle into the R output register -------
+        active = Signal()               # a burst has beats left, held below (not in the queue)
+        word = Signal(self.word_addr_width)
+        left = Signal(8)                # beats left after the next one
+        burst_id = Signal(max(1, self.id_width))
+        src_word = Mux(active, word, head.word)
+        src_left = Mux(active, left, head.len)
+        src_id = Mux(active, burst_id, head.id)
+
+        advance = ~r.rvalid | r.rready  # the R register is free or being emptied
+        issue = Signal()
+        m.d.comb += issue.eq(advance & (active | head_ready) & (tokens >= w))
+        m.d.comb += queue.r_en.eq(issue & ~active)
+
+        with m.If(issue):
+            with m.If(src_left == 0):
+                m.d.sync += active.eq(0)
+            with m.Else():
+                m.d.sync += [
+                    active.eq(1),
+                    word.eq(src_word + 1),
+                    left.eq(src_left - 1),
+                    burst_id.eq(src_id),
+                ]
+        refill = Signal(range(cap + b + 1))
+        m.d.comb += refill.eq(tokens - Mux(issue, w, 0) + b)
+        m.d.sync += tokens.eq(Mux(refill > cap, cap, refill))
+
+        m.d.comb += [read.addr.eq(src_word), read.en.eq(advance)]
+        with m.If(advance):
+            m.d.sync += [r.rvalid.eq(issue), r.rlast.eq(src_left == 0)]
+            if self.id_width:
+                m.d.sync += r.rid.eq(src_id)
+        m.d.comb += [r.rdata.eq(read.data), r.rresp.eq(RESP_OKAY)]
+        return m
+
+
+class DdrReadHarness(wiring.Component):
+    """Test top: an :class:`AxiReadMaster` reading a :class:`DdrModel`, every port a top port.
+
+    * ``load`` in: the DDR model's backdoor (``word_addr``, ``data``; ``ready`` always high).
+    * ``cmd`` in / ``data`` out: the master's streams.
+    * ``ar_monitor`` out: ``valid`` and ``payload`` (``addr``, ``len`` = ``arlen``) only, a
+      stream without ``ready`` (it cannot be stalled): one beat per AR handshake, so a
+      testbench can check every burst. (An ``always_ready`` stream would not do: its constant
+      ``ready`` cannot be a top-level port.)
+    * ``violations`` out: the DDR model's sticky AXI4 rule flags.
+    * ``r_stalled`` out: sticky, high once ``rvalid`` was high with ``rready`` low (the
+      master's credits promise that this never happens).
+    * ``error`` / ``idle``: the master's.
+
+    ``master`` and ``ddr`` are the two components, for their models and parameters.
+    """
+
+    def __init__(self, *, depth: int, data_width: int = 128, addr_width: int = 40,
+                 length_width: int = 24, max_burst: int = AXI4_MAX_BURST,
+                 max_outstanding: int = 4, buffer_depth: "int | None" = None,
+                 latency: int = 20, beats_per_window: int = 1, window: int = 1,
+                 ar_queue_depth: int = 8):
+        self.master = AxiReadMaster(data_width=data_width, addr_width=addr_width,
+                                    length_width=length_width, max_burst=max_burst,
+                                    max_outstanding=max_outstanding, buffer_depth=buffer_depth)
+        self.ddr = DdrModel(depth=depth, data_width=data_width, addr_width=addr_width,
+                            latency=latency, beats_per_window=beats_per_window, window=window,
+                            ar_queue_depth=ar_queue_depth)
+        super().__init__({
+            "load": In(self.ddr.load.signature.flip()),
+            "cmd": In(self.master.cmd.signature.flip()),
+            "data": Out(self.master.data.signature),
+            "ar_monitor": Out(wiring.Signature({
+                "valid": Out(1),
+                "payload": Out(data.StructLayout({"addr": unsigned(addr_width),
+                                                  "len": unsigned(8)})),
+            })),
+            "violations": Out(VIOLATION_LAYOUT),
+            "r_stalled": Out(1),
+            "error": Out(1),
+            "idle": Out(1),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.master = master = self.master
+        m.submodules.ddr = ddr = self.ddr
+        wiring.connect(m, master.axi, ddr.axi)
+        wiring.connect(m, wiring.flipped(self.load), ddr.load)
+        wiring.connect(m, wiring.flipped(self.cmd), master.cmd)
+        wiring.connect(m, master.data, wiring.flipped(self.data))
+        ar, r = master.axi.ar, master.axi.r
+        m.d.comb += [
+            self.ar_monitor.valid.eq(ar.arvalid & ar.arready),
+            self.ar_monitor.payload.addr.eq(ar.araddr),
+            self.ar_monitor.payload.len.eq(ar.arlen),
+            self.violations.eq(ddr.violations),
+            self.error.eq(master.error),
+            self.idle.eq(master.idle),
+        ]
+        with m.If(r.rvalid & ~r.rready):
+            m.d.sync += self.r_stalled.eq(1)
+        return m
