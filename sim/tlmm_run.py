@@ -71,7 +71,8 @@ def run_tlmm_cases(cfg: EngineConfig, cases: list[TlmmCase], *,
     Raises ``trilut.sim.runner.SimulationFailed`` if any result beat differs from the model.
     """
     engine = TlmmEngine(cfg)
-    run_dir = Path(run_dir or tempfile.mkdtemp(prefix="trilut-tlmm-"))
+    # Absolute: the simulator runs in its own working directory.
+    run_dir = Path(run_dir or tempfile.mkdtemp(prefix="trilut-tlmm-")).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     cases_file, results_file = run_dir / "cases.json", run_dir / "results.json"
     cases_file.write_text(json.dumps({"cases": [_case_spec(engine, c) for c in cases]}))

@@ -84,7 +84,7 @@ def cmd_demo(args) -> int:
     from trilut.models.checkpoint import build_tiny_checkpoint, load_checkpoint
 
     console = _console()
-    work = Path(args.work)
+    work = Path(args.work).resolve()
     design = design_for_board(args.board)
     t0 = time.perf_counter()
 
