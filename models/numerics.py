@@ -406,3 +406,14 @@ def tlmm_unpack_results(beats: list[int], m: int, n: int, columns: int,
         raise ValueError(f"expected {m * groups} result beats for {m} x {n}, got {len(beats)}")
     out = np.array([unpack_fields(b, acc_width, columns, signed=True) for b in beats])
     return out.reshape(m, groups * columns)[:, :n]
+
+
+# --------------------------------------------------------------------------------------------
+# The element-wise datapath's number format (fp16 with RNE, flush-to-zero and saturation;
+# docs/elementwise.md) lives in ``trilut.models.fp16`` and is part of this module's surface.
+
+from trilut.models.fp16 import *  # noqa: E402,F401,F403  (re-exported: one numerics namespace)
+from trilut.models.fp16 import __all__ as _fp16_all  # noqa: E402
+
+__all__ += ["tlmm_matmul", "pack_rows", "tlmm_weight_beats", "tlmm_act_beats",
+            "tlmm_result_beats", "tlmm_unpack_results", *_fp16_all]
