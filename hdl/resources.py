@@ -18,12 +18,9 @@ cannot take the caller down, and ``timeout`` is enforced by killing it.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import importlib.metadata
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -32,6 +29,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from trilut.cache import cache_root, file_lock
 
 __all__ = ["RESOURCES", "FAMILIES", "ResourceReport", "SynthesisError", "SynthesisTimeout",
            "estimate", "synthesize", "to_verilog", "strip_zero_memory_inits",
@@ -108,11 +107,6 @@ class ResourceReport:
     cached: bool               # True if this call read it from the cache
     zero_inits_stripped: int   # memory initial blocks removed before synthesis
     modules_merged: int        # modules synthesised once for an identical one
-
-
-def cache_root() -> Path:
-    """``$TRILUT_CACHE`` or ``~/.cache/trilut``."""
-    return Path(os.environ.get("TRILUT_CACHE") or Path.home() / ".cache" / "trilut")
 
 
 def _yosys_version() -> str:
@@ -280,7 +274,7 @@ def synthesize(verilog: str, *, name: str, family: str = "xcup", uram: bool = Tr
     entry.parent.mkdir(parents=True, exist_ok=True)
     # Another process synthesising the same design (an xdist worker, a second terminal) holds
     # this lock: wait for it and take its result rather than run yosys twice.
-    with _exclusive(entry.parent / f".{key}.lock"):
+    with file_lock(entry.parent / f".{key}.lock"):
         if (report := _cached(entry)) is not None:
             return report
         if per_module:
@@ -300,16 +294,6 @@ def _cached(entry: Path) -> ResourceReport | None:
         return None
     except (ValueError, KeyError, TypeError):
         return None   # written by an older layout or cut short: synthesise again
-
-
-@contextlib.contextmanager
-def _exclusive(lock: Path):
-    with open(lock, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _run_into(entry: Path, verilog: str, data: dict, aliases: dict[str, str],

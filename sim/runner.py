@@ -24,7 +24,6 @@ checkout's path or with line numbers in the Python sources.
 
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import importlib.util
 import os
@@ -42,7 +41,9 @@ from amaranth.lib import wiring
 
 from trilut.hdl.resources import strip_zero_memory_inits
 
-from .toolchain import cache_root, ensure_verilator
+from trilut.cache import cache_root, file_lock
+
+from .toolchain import ensure_verilator
 
 __all__ = ["BUILD_ARGS", "CocotbResult", "SimulationFailed", "run_cocotb"]
 
@@ -255,17 +256,6 @@ def _runner():
     return VerilateOnly()
 
 
-@contextlib.contextmanager
-def _locked(path: pathlib.Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 _tool_fingerprint_cache: "str | None" = None
 
 
@@ -311,7 +301,7 @@ def _build(verilog_text: str, *, name: str, build_args: list, waves: bool):
     build_dir = root / f"{name}-{key}"
     if (build_dir / _COMPLETE).is_file():
         return build_dir, True
-    with _locked(root / f"{name}-{key}.lock"):
+    with file_lock(root / f"{name}-{key}.lock"):
         if (build_dir / _COMPLETE).is_file():
             return build_dir, True          # another worker built it while we waited
         if build_dir.exists():
@@ -368,7 +358,7 @@ def _make(runner, build_dir: pathlib.Path, log_file: pathlib.Path, *, tools: str
         return
     # First build of this run-time flavour: one worker compiles it while the others wait for
     # it, rather than every pytest-xdist worker compiling the same 15 s of C++ at once.
-    with _locked(runtime.with_name(runtime.name + ".lock")):
+    with file_lock(runtime.with_name(runtime.name + ".lock")):
         if (runtime / _COMPLETE).is_file():
             run_make(use_prebuilt=True)
         else:

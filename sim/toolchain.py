@@ -24,20 +24,12 @@ import pathlib
 import shlex
 import tempfile
 
+from trilut.cache import cache_root
+
 __all__ = ["MIN_VERILATOR", "cache_root", "ensure_verilator", "verilator_version"]
 
 #: cocotb 2.x needs ``VerilatedVpi::clearEvalNeeded`` and friends, new in Verilator 5.036.
 MIN_VERILATOR = (5, 36)
-
-
-def cache_root() -> pathlib.Path:
-    """Root of trilut's per-user cache: ``$TRILUT_CACHE``, else ``$XDG_CACHE_HOME/trilut``,
-    else ``~/.cache/trilut``."""
-    if root := os.environ.get("TRILUT_CACHE"):
-        return pathlib.Path(root).expanduser().resolve()
-    if xdg := os.environ.get("XDG_CACHE_HOME"):
-        return pathlib.Path(xdg).expanduser().resolve() / "trilut"
-    return pathlib.Path.home() / ".cache" / "trilut"
 
 
 def verilator_version() -> tuple[int, int]:
