@@ -145,11 +145,25 @@ def strip_zero_memory_inits(verilog: str) -> tuple[str, int]:
     return _INIT_BLOCK.sub(replace, verilog), count
 
 
+# Amaranth writes a debug alias wire per field of a layout-typed port: ``\beats__payload[0]``,
+# ``\beats__payload[0][3]``. yosys 0.70's ABC9 reintegration renames bit 0 of a wire ``x`` to
+# ``x[0]`` and asserts when that name exists (YosysHQ/yosys#4349: "Assert
+# `count_id(wire->name) == 0' failed"). The aliases drive nothing; removing them changes no cell
+# count (checked against the same design with a flat payload).
+_FIELD_ALIAS = re.compile(
+    r"^[ \t]*(?:wire(?: \[\d+:\d+\])? |assign )\\\S+?\[\d+\]\S* *(?:;| = [^;\n]*;)\n", re.M)
+
+
+def strip_field_aliases(verilog: str) -> tuple[str, int]:
+    """Remove Amaranth's per-field debug alias wires; returns the text and how many lines went."""
+    return _FIELD_ALIAS.subn("", verilog)
+
+
 def to_verilog(component, *, name: str) -> str:
-    """Amaranth -> Verilog, without ``src`` attributes so that the cache survives code edits
-    that do not change the design."""
+    """Amaranth -> Verilog for synthesis: no ``src`` attributes (so the cache survives code
+    edits that do not change the design) and no per-field alias wires (see above)."""
     from amaranth.back import verilog
-    return verilog.convert(component, name=name, emit_src=False)
+    return strip_field_aliases(verilog.convert(component, name=name, emit_src=False))[0]
 
 
 # A module as yosys's write_verilog prints it: attribute lines, ``module NAME (ports);``, its

@@ -29,7 +29,7 @@ from amaranth.lib.wiring import In, Out
 from trilut.config import EngineConfig
 from trilut.models import numerics
 
-__all__ = ["TableBuilder", "ColumnLookup", "TlmmEngine"]
+__all__ = ["TableBuilder", "ColumnLookup", "TlmmEngine", "weight_beat_layout"]
 
 #: Width of the ``n_groups`` shape input: up to 65535 groups of C columns.
 N_GROUPS_WIDTH = 16
@@ -39,7 +39,7 @@ def _act_layout(cfg: EngineConfig) -> data.ArrayLayout:
     return data.ArrayLayout(signed(cfg.act_bits), cfg.block_k)
 
 
-def _index_layout(cfg: EngineConfig) -> data.ArrayLayout:
+def weight_beat_layout(cfg: EngineConfig) -> data.ArrayLayout:
     """One weight beat: ``C`` columns of ``T`` indices; field (c, t) at bit (c*T + t)*b."""
     return data.ArrayLayout(data.ArrayLayout(unsigned(cfg.index_bits), cfg.tables_per_step),
                             cfg.columns_per_cycle)
@@ -156,7 +156,7 @@ class TlmmEngine(wiring.Component):
         self.k_blocks_width = max(1, (cfg.padded_k(cfg.max_k) // cfg.block_k).bit_length())
         super().__init__({
             "acts": In(stream.Signature(_act_layout(cfg))),
-            "weights": In(stream.Signature(_index_layout(cfg))),
+            "weights": In(stream.Signature(weight_beat_layout(cfg))),
             "results": Out(stream.Signature(_result_layout(cfg))),
             "k_blocks": In(unsigned(self.k_blocks_width)),
             "n_groups": In(unsigned(N_GROUPS_WIDTH)),

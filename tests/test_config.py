@@ -80,3 +80,13 @@ def test_generate_with_a_model_writes_its_weight_image(tmp_path):
     assert set(layers) == set(image.layer_names())
     q = image.ddr_span("layers.0.self_attn.q_proj")
     assert layers["layers.0.self_attn.q_proj"] == {"address": q.address, "words": q.words}
+
+
+def test_a_board_without_uram_counts_bram36_at_512_deep(tmp_path):
+    from trilut import boards
+    from trilut.config import DesignConfig
+    path = tmp_path / "no_uram.toml"
+    path.write_text(boards.board_text("kv260").replace("uram = 64", "uram = 0"))
+    board = load_board(str(path))          # the board alone is fine; its kv260 engine is not
+    with pytest.raises(ValueError, match="needs 512 BRAM36 but the board has 144"):
+        DesignConfig(board=board, engine=board.engine)

@@ -140,9 +140,14 @@ class EngineConfig:
         """One weight beat per cycle: M x ceil(K / GT) x ceil(N / C)."""
         return m * (self.padded_k(k) // self.block_k) * (self.padded_n(n) // self.columns_per_cycle)
 
-    def weight_buffer_urams(self) -> int:
-        """URAM288 needed to feed one weight beat per cycle, double-buffered (two banks)."""
-        return 2 * math.ceil(self.weight_beat_bits / URAM_WIDTH)
+    def weight_buffer_urams(self, tile_beats: int = URAM_DEPTH) -> int:
+        """URAM288 needed to feed one weight beat per cycle, double-buffered (two banks of
+        ``tile_beats`` beats; URAM288 is 4096 x 72)."""
+        return 2 * math.ceil(self.weight_beat_bits / URAM_WIDTH) * math.ceil(tile_beats / URAM_DEPTH)
+
+    def weight_buffer_bram36(self, tile_beats: int = URAM_DEPTH) -> int:
+        """The same banks in RAMB36 (512 x 72 at full width) on a board without URAM."""
+        return 2 * math.ceil(self.weight_beat_bits / URAM_WIDTH) * math.ceil(tile_beats / 512)
 
     def key(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -179,9 +184,11 @@ class DesignConfig:
 
     def __post_init__(self):
         res = self.board.resources
-        need = self.engine.weight_buffer_urams()
-        # Boards without URAM fall back to BRAM36 (72 bits wide as 512 x 72 too).
-        have, kind = (res.uram, "URAM288") if res.uram else (res.bram36, "BRAM36")
+        # Boards without URAM fall back to BRAM36 (512 x 72: eight per URAM288's depth).
+        if res.uram:
+            need, have, kind = self.engine.weight_buffer_urams(), res.uram, "URAM288"
+        else:
+            need, have, kind = self.engine.weight_buffer_bram36(), res.bram36, "BRAM36"
         if need > have:
             raise ValueError(
                 f"engine does not fit board {self.board.name}: a {self.engine.weight_beat_bits}-bit "
