@@ -1,0 +1,104 @@
+"""Run a model's ternary linear layer on the DDR-fed datapath (Verilator) and compare.
+
+The weights come from the compiled DDR weight image (``trilut.host.weight_image``), placed in
+the simulated DDR at their image offsets; the host issues the tile schedule and streams the
+int8 activation blocks; the results must equal the engine's bit-exact model.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from trilut.config import EngineConfig
+from trilut.hdl.linear_datapath import WeightFedTlmmHarness, weight_schedule
+from trilut.host.weight_image import WeightImage
+from trilut.models import numerics as nm
+from trilut.sim.runner import run_cocotb
+
+__all__ = ["DdrSetting", "DatapathOutcome", "run_layer_from_ddr"]
+
+
+@dataclass(frozen=True)
+class DdrSetting:
+    """The DDR model: fixed latency and a sustained bandwidth of beats_per_window words per
+    window cycles (docs/memory.md)."""
+    latency: int = 20
+    beats_per_window: int = 1
+    window: int = 1
+
+    @property
+    def words_per_cycle(self) -> float:
+        return self.beats_per_window / self.window
+
+
+@dataclass(frozen=True)
+class DatapathOutcome:
+    layer: str
+    results: np.ndarray           # RTL, int64 [M, N]
+    expected: np.ndarray          # the engine's bit-exact model
+    cycles: int                   # first command taken .. last result out
+    engine_cycles: int            # the engine alone with weights always there
+    weight_feed_cycles: float     # weight words read from DDR / DDR words per cycle
+    tiles: int
+
+    @property
+    def exact(self) -> bool:
+        return np.array_equal(self.results, self.expected)
+
+
+def run_layer_from_ddr(image: WeightImage, layer: str, acts: np.ndarray, *,
+                       ddr: DdrSetting = DdrSetting(), tile_beats: int = 4096,
+                       ddr_words: int = 8192, stall: float = 0.0, seed: int = 1,
+                       run_dir: Path | None = None) -> DatapathOutcome:
+    cfg: EngineConfig = image.engine
+    values = image.layer_values(layer)
+    n, k = values.shape
+    m = acts.shape[0]
+    cfg.check_shape(k, n)
+    word_bits = image.ddr_word_bits
+    span = image.ddr_span(layer)
+    beats_per_row = len(image.layer_beats(layer))
+    schedule = weight_schedule(address=span.address, beats_per_row=beats_per_row, rows=m,
+                               words_per_beat=image.words_per_beat, word_bytes=word_bits // 8,
+                               tile_beats=tile_beats)
+    # The DDR model wraps addresses modulo its depth, so a small model holds any one layer at
+    # its real image address (a full-size memory would only slow the build).
+    if span.words > ddr_words:
+        raise ValueError(f"{layer} spans {span.words} DDR words; the DDR model has {ddr_words}")
+    harness = WeightFedTlmmHarness(cfg, ddr_words=ddr_words, word_bits=word_bits,
+                                   tile_beats=tile_beats, latency=ddr.latency,
+                                   beats_per_window=ddr.beats_per_window, window=ddr.window)
+    dp = harness.datapath
+    T, C, D = cfg.tables_per_step, cfg.columns_per_cycle, cfg.accumulator_depth
+    expected = dp.engine.model(acts, values)
+    cmd_addr_bits = dp.master.cmd_layout["length"].offset
+    spec = {
+        "k_blocks": cfg.padded_k(k) // cfg.block_k, "n_groups": cfg.padded_n(n) // C,
+        "word_addr_width": harness.ddr.word_addr_width,
+        "ddr": [[(span.first_word + i) % ddr_words, format(w, "x")]
+                for i, w in enumerate(image.layer_words(layer))],
+        "cmd": [s.address | s.words << cmd_addr_bits for s in schedule],
+        "tiles": [dp.buffer.command(s.beats, s.replays) for s in schedule],
+        "acts": [format(b, "x") for b in nm.tlmm_act_beats(acts, cfg.code, T, C, D, n)],
+        "expected": [format(b, "x") for b in nm.tlmm_result_beats(expected, C, cfg.acc_width)],
+        "stall": stall, "seed": seed,
+    }
+    run_dir = Path(run_dir or tempfile.mkdtemp(prefix="trilut-ldp-")).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "case.json").write_text(json.dumps(spec))
+    run_cocotb(harness, name="weight_fed_tlmm", test_module="trilut.sim.tb_linear_datapath",
+               run_dir=run_dir, env={"TRILUT_LDP_CASE": str(run_dir / "case.json"),
+                                     "TRILUT_LDP_RESULTS": str(run_dir / "results.json")})
+    seen = json.loads((run_dir / "results.json").read_text())
+    beats = [int(b, 16) for b in seen["results"]]
+    words_read = sum(s.words for s in schedule)
+    return DatapathOutcome(
+        layer=layer, expected=expected,
+        results=nm.tlmm_unpack_results(beats, m, n, C, cfg.acc_width),
+        cycles=seen["cycles"], engine_cycles=dp.engine.expected_cycles(m, k, n),
+        weight_feed_cycles=words_read / ddr.words_per_cycle, tiles=len(schedule))

@@ -1,0 +1,61 @@
+"""cocotb testbench for ``trilut.hdl.linear_datapath.WeightFedTlmmHarness``.
+
+Reads the run that ``trilut.sim.linear_datapath_run`` wrote (``TRILUT_LDP_CASE``): the DDR
+words to place through the backdoor, the AXI read and buffer tile commands, the activation
+beats and the expected result beats. Places the image, then drives the three command/data
+streams and backpressures the results from seeded pause generators; checks every result beat
+bit for bit, that no AXI rule was broken and no read failed, and writes what it saw and the
+cycle count to ``TRILUT_LDP_RESULTS``.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import cocotb
+
+from trilut.sim.streams import (StreamSink, StreamSource, never_pause, random_pause, reset,
+                                start_clock)
+
+
+def _pause(stall: float, seed: int):
+    return random_pause(seed, stall) if stall else never_pause()
+
+
+@cocotb.test()
+async def weight_fed_matmul(dut):
+    case = json.loads(Path(os.environ["TRILUT_LDP_CASE"]).read_text())
+    start_clock(dut.clk, 4)
+    dut.k_blocks.value = case["k_blocks"]
+    dut.n_groups.value = case["n_groups"]
+    await reset(dut.clk, dut.rst)
+
+    # Place the weight image: Python per word, once, before the timed run.
+    load = StreamSource(dut, "load", dut.clk)
+    shift = case["word_addr_width"]
+    for addr, word in case["ddr"]:
+        load.send_nowait(addr | int(word, 16) << shift)
+    await load.wait_idle(timeout_cycles=len(case["ddr"]) + 100)
+
+    stall, seed = case["stall"], case["seed"]
+    cmd = StreamSource(dut, "cmd", dut.clk, _pause(stall, seed))
+    tiles = StreamSource(dut, "tiles", dut.clk, _pause(stall, seed + 1))
+    acts = StreamSource(dut, "acts", dut.clk, _pause(stall, seed + 2))
+    results = StreamSink(dut, "results", dut.clk, _pause(stall, seed + 3))
+    for c in case["cmd"]:
+        cmd.send_nowait(c)
+    for t in case["tiles"]:
+        tiles.send_nowait(t)
+    for a in case["acts"]:
+        acts.send_nowait(int(a, 16))
+    expected = [int(b, 16) for b in case["expected"]]
+    got = await results.recv_n(len(expected), timeout_cycles=200 * len(expected) + 100_000)
+    start = min(cmd.handshake_cycles[0], tiles.handshake_cycles[0])
+    cycles = results.handshake_cycles[-1] - start + 1
+    Path(os.environ["TRILUT_LDP_RESULTS"]).write_text(json.dumps({
+        "results": [format(b, "x") for b in got], "cycles": cycles,
+        "violations": int(dut.violations.value), "error": int(dut.error.value)}))
+    assert int(dut.violations.value) == 0, "an AXI4 rule was broken"
+    assert int(dut.error.value) == 0, "a read returned an error response"
+    bad = [i for i, (g, e) in enumerate(zip(got, expected)) if g != e]
+    assert not bad, f"{len(bad)} result beats differ, first {bad[0]}: {got[bad[0]]:#x} != {expected[bad[0]]:#x}"
