@@ -99,3 +99,56 @@ def run_tlmm_benchmark(*, quick: bool = False, resources: bool = True,
                       fmt("lut"), fmt("ff"), fmt("dsp"), fmt("bram36"), fmt("uram"))
     console.print(table)
     return rows
+
+
+def run_ddr_linear_benchmark(*, quick: bool = False, console: Console | None = None) -> list[dict]:
+    """The tiny model's layers fed from DDR (decode: one token): measured cycles against the
+    weight-feed bound (weight words / DDR words per cycle) and the engine alone."""
+    import torch
+
+    from trilut.host.weight_image import compile_weight_image
+    from trilut.models import numerics as nm
+    from trilut.models.checkpoint import build_tiny_checkpoint, load_checkpoint
+    from trilut.sim.linear_datapath_run import DdrSetting, run_layer_from_ddr
+
+    console = console or Console()
+    small = EngineConfig(group_size=3, tables_per_step=4, columns_per_cycle=4,
+                         accumulator_depth=16, max_k=1024)
+    points = [
+        ("small G3 T4 C4, 64-bit DDR, full rate", small, 64, DdrSetting(20, 1, 1), 2048),
+        ("small G3 T4 C4, 64-bit DDR, half rate", small, 64, DdrSetting(40, 1, 2), 512),
+    ]
+    if not quick:
+        points.append(("kv260 G3 T28 C16, one 128-bit HP port", design_for_board("kv260").engine,
+                       128, DdrSetting(50, 1, 1), 512))
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        build_tiny_checkpoint(tmp)
+        model = load_checkpoint(tmp)
+    layers = ["layers.0.self_attn.q_proj", "layers.0.mlp.down_proj"]
+    ids = torch.tensor(list(b"decode"))
+    inputs = model.capture_linear_inputs(ids, layers)
+    rows = []
+    with console.status("") as status:
+        for name, engine, word_bits, ddr, tile_beats in points:
+            image = compile_weight_image(model, engine, ddr_word_bits=word_bits)
+            for layer in layers:
+                status.update(f"{name}: {layer} on Verilator")
+                x = inputs[layer].reshape(-1, inputs[layer].shape[-1])[-1:]
+                acts = nm.int8_quantize(x)[0].numpy().astype(np.int64)
+                o = run_layer_from_ddr(image, layer, acts, ddr=ddr, tile_beats=tile_beats)
+                bound = max(o.engine_cycles, o.weight_feed_cycles)
+                rows.append({"config": name, "layer": layer, "shape": list(image.layer_values(layer).shape),
+                             "cycles": o.cycles, "engine_cycles": o.engine_cycles,
+                             "weight_feed_cycles": o.weight_feed_cycles,
+                             "cycles_over_bound": o.cycles / bound, "bit_exact": bool(o.exact)})
+    table = Table(title="Linear layer fed from DDR (1 token): cycles vs the weight-feed bound")
+    for col in ("config", "layer (N x K)", "cycles", "engine alone", "weight feed bound",
+                "cycles / bound", "exact"):
+        table.add_column(col, justify="left" if col in ("config", "layer (N x K)") else "right")
+    for r in rows:
+        table.add_row(r["config"], f"{r['layer']} ({r['shape'][0]} x {r['shape'][1]})",
+                      str(r["cycles"]), str(r["engine_cycles"]), f"{r['weight_feed_cycles']:g}",
+                      f"{r['cycles_over_bound']:.3f}", "yes" if r["bit_exact"] else "NO")
+    console.print(table)
+    return rows

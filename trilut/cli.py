@@ -130,9 +130,11 @@ def cmd_demo(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from trilut.bench import run_tlmm_benchmark
-    rows = run_tlmm_benchmark(quick=args.quick, resources=not args.no_resources,
-                              console=_console())
+    from trilut.bench import run_ddr_linear_benchmark, run_tlmm_benchmark
+    console = _console()
+    rows = {"tlmm_engine": run_tlmm_benchmark(quick=args.quick,
+                                              resources=not args.no_resources, console=console),
+            "linear_from_ddr": run_ddr_linear_benchmark(quick=args.quick, console=console)}
     if args.json:
         print(json.dumps(rows, indent=2))
     return 0
