@@ -20,7 +20,7 @@ from trilut.host.weight_image import WeightImage
 from trilut.models import numerics as nm
 from trilut.sim.runner import run_cocotb
 
-__all__ = ["DdrSetting", "DatapathOutcome", "run_layer_from_ddr"]
+__all__ = ["DdrSetting", "DatapathOutcome", "run_layer_from_ddr", "weight_feed_spec"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,34 @@ class DatapathOutcome:
         return np.array_equal(self.results, self.expected)
 
 
+def weight_feed_spec(image: WeightImage, layer: str, rows: int, datapath, ddr_model):
+    """What a testbench needs to feed ``layer`` from DDR for ``rows`` activation rows: the
+    backdoor writes placing the layer's words at their image addresses (the DDR model wraps
+    addresses modulo its depth, so a small model holds any one layer), the AXI read and buffer
+    tile commands, and the engine's shape inputs. Returns ``(spec, schedule)``."""
+    cfg = image.engine
+    n, k = image.layer_values(layer).shape
+    span = image.ddr_span(layer)
+    if span.words > ddr_model.depth:
+        raise ValueError(f"{layer} spans {span.words} DDR words; the DDR model has "
+                         f"{ddr_model.depth}")
+    schedule = weight_schedule(
+        address=span.address, beats_per_row=len(image.layer_beats(layer)), rows=rows,
+        words_per_beat=image.words_per_beat, word_bytes=image.ddr_word_bits // 8,
+        tile_beats=datapath.buffer.tile_beats)
+    length_offset = datapath.master.cmd_layout["length"].offset
+    spec = {
+        "k_blocks": cfg.padded_k(k) // cfg.block_k,
+        "n_groups": cfg.padded_n(n) // cfg.columns_per_cycle,
+        "word_addr_width": ddr_model.word_addr_width,
+        "ddr": [[(span.first_word + i) % ddr_model.depth, format(w, "x")]
+                for i, w in enumerate(image.layer_words(layer))],
+        "cmd": [t.address | t.words << length_offset for t in schedule],
+        "tiles": [datapath.buffer.command(t.beats, t.replays) for t in schedule],
+    }
+    return spec, schedule
+
+
 def run_layer_from_ddr(image: WeightImage, layer: str, acts: np.ndarray, *,
                        ddr: DdrSetting = DdrSetting(), tile_beats: int = 4096,
                        ddr_words: int = 8192, stall: float = 0.0, seed: int = 1,
@@ -60,34 +88,18 @@ def run_layer_from_ddr(image: WeightImage, layer: str, acts: np.ndarray, *,
     n, k = values.shape
     m = acts.shape[0]
     cfg.check_shape(k, n)
-    word_bits = image.ddr_word_bits
-    span = image.ddr_span(layer)
-    beats_per_row = len(image.layer_beats(layer))
-    schedule = weight_schedule(address=span.address, beats_per_row=beats_per_row, rows=m,
-                               words_per_beat=image.words_per_beat, word_bytes=word_bits // 8,
-                               tile_beats=tile_beats)
-    # The DDR model wraps addresses modulo its depth, so a small model holds any one layer at
-    # its real image address (a full-size memory would only slow the build).
-    if span.words > ddr_words:
-        raise ValueError(f"{layer} spans {span.words} DDR words; the DDR model has {ddr_words}")
-    harness = WeightFedTlmmHarness(cfg, ddr_words=ddr_words, word_bits=word_bits,
+    harness = WeightFedTlmmHarness(cfg, ddr_words=ddr_words, word_bits=image.ddr_word_bits,
                                    tile_beats=tile_beats, latency=ddr.latency,
                                    beats_per_window=ddr.beats_per_window, window=ddr.window)
     dp = harness.datapath
     T, C, D = cfg.tables_per_step, cfg.columns_per_cycle, cfg.accumulator_depth
     expected = dp.engine.model(acts, values)
-    cmd_addr_bits = dp.master.cmd_layout["length"].offset
-    spec = {
-        "k_blocks": cfg.padded_k(k) // cfg.block_k, "n_groups": cfg.padded_n(n) // C,
-        "word_addr_width": harness.ddr.word_addr_width,
-        "ddr": [[(span.first_word + i) % ddr_words, format(w, "x")]
-                for i, w in enumerate(image.layer_words(layer))],
-        "cmd": [s.address | s.words << cmd_addr_bits for s in schedule],
-        "tiles": [dp.buffer.command(s.beats, s.replays) for s in schedule],
+    spec, schedule = weight_feed_spec(image, layer, m, dp, harness.ddr)
+    spec.update({
         "acts": [format(b, "x") for b in nm.tlmm_act_beats(acts, cfg.code, T, C, D, n)],
         "expected": [format(b, "x") for b in nm.tlmm_result_beats(expected, C, cfg.acc_width)],
         "stall": stall, "seed": seed,
-    }
+    })
     run_dir = Path(run_dir or tempfile.mkdtemp(prefix="trilut-ldp-")).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "case.json").write_text(json.dumps(spec))
@@ -96,7 +108,7 @@ def run_layer_from_ddr(image: WeightImage, layer: str, acts: np.ndarray, *,
                                      "TRILUT_LDP_RESULTS": str(run_dir / "results.json")})
     seen = json.loads((run_dir / "results.json").read_text())
     beats = [int(b, 16) for b in seen["results"]]
-    words_read = sum(s.words for s in schedule)
+    words_read = sum(t.words for t in schedule)
     return DatapathOutcome(
         layer=layer, expected=expected,
         results=nm.tlmm_unpack_results(beats, m, n, C, cfg.acc_width),
