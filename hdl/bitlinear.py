@@ -1,0 +1,126 @@
+"""A complete BitLinear layer in TeLLMe's streaming dataflow, weights fed from DDR.
+
+    x (fp16 lanes) -> RmsNorm -> ActQuantizer -> [WeightFedTlmm: DDR -> AXI -> WeightBuffer
+                                  |  absmax           -> TlmmEngine] -> Dequantizer -> y (fp16)
+                                  +---------------------------------------^
+
+The norm, the quantizer and the dequantizer work on the row while the engine works on the
+matmul; their latency hides behind it when the matmul is long (it is, for every real shape).
+Lanes: the element-wise stages move ``C`` fp16 values per beat, the engine's output width.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from amaranth.hdl import Module, unsigned
+from amaranth.lib import wiring
+from amaranth.lib.wiring import In, Out
+
+from trilut.config import EngineConfig
+from trilut.hdl.ddr_model import VIOLATION_LAYOUT, DdrModel
+from trilut.hdl.lane_units import Dequantizer
+from trilut.hdl.linear_datapath import WeightFedTlmm
+from trilut.hdl.row_units import ActQuantizer, RmsNorm
+from trilut.models import numerics as nm
+
+__all__ = ["BitLinear", "BitLinearHarness"]
+
+
+class BitLinear(wiring.Component):
+    """RMSNorm -> int8 quantization -> TLMM (weights from DDR) -> dequantization.
+
+    Streams: ``x`` (a row of K fp16 values, C per beat), ``norm_weight`` (the norm's K weights,
+    one row per input row), ``y`` (the N fp16 outputs, C per beat); ``cmd`` / ``tiles`` (the
+    weight schedule, ``linear_datapath.weight_schedule``); ``axi`` to DDR.
+    Shape and scalar inputs, held while a row is in flight: ``k`` (K), ``k_blocks``,
+    ``n_groups``, ``tiles_per_row`` (output tiles, ``ActQuantizer.tiles_for(N)``) and
+    ``weight_scale`` (the layer's fp32 weight scale code).
+    """
+
+    def __init__(self, cfg: EngineConfig, *, max_k: int, word_bits: int = 128,
+                 tile_beats: int = 4096, eps: float = 1e-5):
+        cfg.check_shape(max_k, 1)
+        self.cfg = cfg
+        lanes = cfg.columns_per_cycle
+        self.norm = RmsNorm(lanes=lanes, max_n=max_k, eps=eps)
+        self.quant = ActQuantizer(cfg, lanes=lanes, max_n=max_k)
+        self.datapath = WeightFedTlmm(cfg, word_bits=word_bits, tile_beats=tile_beats)
+        self.dequant = Dequantizer(cfg)
+        dp = self.datapath
+        super().__init__({
+            "x": In(self.norm.x.signature.flip()),
+            "norm_weight": In(self.norm.weight.signature.flip()),
+            "y": Out(self.dequant.y.signature),
+            "axi": Out(dp.axi.signature),
+            "cmd": In(dp.cmd.signature.flip()),
+            "tiles": In(dp.tiles.signature.flip()),
+            "k": In(len(self.norm.n)),
+            "k_blocks": In(len(dp.k_blocks)),
+            "n_groups": In(len(dp.n_groups)),
+            "tiles_per_row": In(len(self.quant.tiles)),
+            "weight_scale": In(unsigned(32)),
+            "error": Out(1),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.norm = norm = self.norm
+        m.submodules.quant = quant = self.quant
+        m.submodules.datapath = dp = self.datapath
+        m.submodules.dequant = deq = self.dequant
+        wiring.connect(m, wiring.flipped(self.x), norm.x)
+        wiring.connect(m, wiring.flipped(self.norm_weight), norm.weight)
+        wiring.connect(m, norm.y, quant.x)
+        wiring.connect(m, quant.acts, dp.acts)
+        wiring.connect(m, quant.absmax, deq.absmax)
+        wiring.connect(m, dp.results, deq.acc)
+        wiring.connect(m, deq.y, wiring.flipped(self.y))
+        wiring.connect(m, wiring.flipped(self.axi), dp.axi)
+        wiring.connect(m, wiring.flipped(self.cmd), dp.cmd)
+        wiring.connect(m, wiring.flipped(self.tiles), dp.tiles)
+        m.d.comb += [
+            norm.n.eq(self.k), quant.n.eq(self.k), quant.tiles.eq(self.tiles_per_row),
+            dp.k_blocks.eq(self.k_blocks), dp.n_groups.eq(self.n_groups),
+            deq.n_groups.eq(self.n_groups), deq.weight_scale.eq(self.weight_scale),
+            self.error.eq(dp.error),
+        ]
+        return m
+
+    def model(self, x_codes, norm_weight_codes, values, weight_scale: float) -> np.ndarray:
+        """Bit-exact: fp16 codes ``x[M, K]`` -> fp16 codes ``y[M, N]`` (level 2 numerics)."""
+        normed = nm.fp16_rmsnorm(x_codes, norm_weight_codes, self.norm.eps,
+                                 partials=self.norm.partials)
+        codes, absmax = nm.fp16_quantize_int8(normed)
+        acc = nm.ternary_matmul(codes, values)
+        scale = nm.fp16_dequant_scale(absmax, weight_scale)
+        return nm.fp16_dequantize(acc, np.asarray(scale).reshape(-1, 1))
+
+
+class BitLinearHarness(wiring.Component):
+    """Simulation top: ``BitLinear`` reading a ``DdrModel`` (backdoor ``load``)."""
+
+    def __init__(self, cfg: EngineConfig, *, max_k: int, ddr_words: int, word_bits: int = 128,
+                 tile_beats: int = 4096, latency: int = 20, beats_per_window: int = 1,
+                 window: int = 1, eps: float = 1e-5):
+        self.layer = BitLinear(cfg, max_k=max_k, word_bits=word_bits, tile_beats=tile_beats,
+                               eps=eps)
+        self.ddr = DdrModel(depth=ddr_words, data_width=word_bits, latency=latency,
+                            beats_per_window=beats_per_window, window=window)
+        ports = {name: member for name, member in self.layer.signature.members.items()
+                 if name != "axi"}
+        super().__init__({**ports, "load": In(self.ddr.load.signature.flip()),
+                          "violations": Out(VIOLATION_LAYOUT)})
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.layer = layer = self.layer
+        m.submodules.ddr = ddr = self.ddr
+        wiring.connect(m, layer.axi, ddr.axi)
+        wiring.connect(m, wiring.flipped(self.load), ddr.load)
+        for name in ("x", "norm_weight", "cmd", "tiles"):
+            wiring.connect(m, wiring.flipped(getattr(self, name)), getattr(layer, name))
+        wiring.connect(m, layer.y, wiring.flipped(self.y))
+        for name in ("k", "k_blocks", "n_groups", "tiles_per_row", "weight_scale"):
+            m.d.comb += getattr(layer, name).eq(getattr(self, name))
+        m.d.comb += [self.error.eq(layer.error), self.violations.eq(ddr.violations)]
+        return m
