@@ -39,7 +39,7 @@ _EXP_MAX = 2 * _BIAS                        # 30: largest biased exponent of a f
 _MAX_MAGNITUDE = fp.FP16.max_code           # 0x7BFF = 65504
 
 
-def _leading_zeros(m: Module, value, name: str) -> Signal:
+def leading_zeros(m: Module, value, name: str) -> Signal:
     """Combinational count of leading zeros of ``value`` (``len(value)`` when zero)."""
     width = len(value)
     count = Signal(range(width + 1), name=name, init=width)
@@ -152,7 +152,7 @@ class Fp16Add(wiring.Component):
         # zeros (only > 1 after a cancellation, when the low bits are exact).
         norm = Signal(14)
         exponent = Signal(signed(8))
-        lz = _leading_zeros(m, total[:14], "leading_zeros")
+        lz = leading_zeros(m, total[:14], "leading_zeros")
         with m.If(total[14]):
             m.d.comb += [norm.eq(Cat(total[1] | total[0], total[2:15])),
                          exponent.eq(exp_big + 1)]
@@ -194,7 +194,7 @@ class IntToFp16(wiring.Component):
         sign = self.value[w - 1]
         magnitude = Signal(w)                     # |-2**(w-1)| fits w unsigned bits
         m.d.comb += magnitude.eq(Mux(sign, -self.value, self.value))
-        lz = _leading_zeros(m, magnitude, "leading_zeros")
+        lz = leading_zeros(m, magnitude, "leading_zeros")
         # Left-align the leading one at bit w-1, then keep 11 bits, a guard and a sticky.
         aligned = Signal(max(w, 13))
         m.d.comb += aligned.eq(magnitude << lz << max(0, 13 - w))

@@ -32,7 +32,7 @@ from trilut.config import EngineConfig
 from trilut.hdl.fp16 import Fp16Add, Fp16Mul
 # The fp16 rounding rules' two building blocks (priority encoder; flush/saturate/pack), shared
 # with the arithmetic units rather than copied, so the contract lives in one place.
-from trilut.hdl.fp16 import _leading_zeros, _pack
+from trilut.hdl.fp16 import _pack, leading_zeros
 from trilut.hdl.tlmm_engine import N_GROUPS_WIDTH
 from trilut.models import fp16 as fp
 
@@ -340,7 +340,7 @@ class Dequantizer(wiring.Component):
             acc = self.acc.payload[c]
             magnitude = Signal(aw, name=f"magnitude{c}")      # |-2**(aw-1)| fits aw bits
             m.d.comb += magnitude.eq(Mux(acc < 0, -acc, acc))
-            lz = _leading_zeros(m, magnitude, f"leading_zeros{c}")
+            lz = leading_zeros(m, magnitude, f"leading_zeros{c}")
             with m.If(pipe.take[0]):
                 m.d.sync += [s1_norm[c].eq(magnitude << lz), s1_lz[c].eq(lz),
                              s1_neg[c].eq(acc < 0), s1_zero[c].eq(magnitude == 0)]
@@ -519,7 +519,7 @@ class GatedActivation(wiring.Component):
             # t = |x| - m0 = (mant mod 32) * 2**(e - 10): its leading one at bit j of the low
             # bits gives biased exponent exp - 10 + j (>= 1 inside the table's range).
             low_bits = mant[:_MANT - seg_bits]
-            lz = _leading_zeros(m, low_bits, f"offset_zeros{c}")
+            lz = leading_zeros(m, low_bits, f"offset_zeros{c}")
             offset = Signal(16, name=f"offset{c}")
             with m.If(low_bits != 0):
                 normalized = (low_bits << lz)[:len(low_bits)]    # leading one at bit 4

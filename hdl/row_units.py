@@ -24,7 +24,7 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from trilut.config import EngineConfig
-from trilut.hdl.fp16 import Fp16Mul
+from trilut.hdl.fp16 import Fp16Mul, leading_zeros
 from trilut.models import fp16 as fp
 from trilut.models import numerics
 
@@ -78,14 +78,6 @@ def unpack_lane_beats(beats, rows: int, n: int, lanes: int) -> np.ndarray:
     return out.reshape(rows, per_row * lanes)[:, :n]
 
 
-def _leading_zeros(m: Module, value, name: str) -> Signal:
-    """Combinational count of leading zeros of ``value`` (``len(value)`` when zero)."""
-    width = len(value)
-    count = Signal(range(width + 1), name=name, init=width)
-    for i in range(width):          # later (higher) bits win: a priority encoder
-        with m.If(value[i]):
-            m.d.comb += count.eq(width - 1 - i)
-    return count
 
 
 def _round_normalized(m: Module, value, precision: int, name: str):
@@ -286,7 +278,7 @@ class RmsScale(wiring.Component):
 
         # ---- round32(1 / n): normalize n, then one quotient bit per cycle -----------------
         n_in = self.inp.payload.n
-        lz = _leading_zeros(m, n_in, "n_leading_zeros")
+        lz = leading_zeros(m, n_in, "n_leading_zeros")
         div_d = Signal(nw)
         div_r = Signal(nw + 1)
         div_q = Signal(_RECIP_QUOTIENT_BITS)

@@ -156,6 +156,12 @@ def random_pause(seed, probability: float) -> Iterator[bool]:
         yield draw() < probability
 
 
+def stalls(probability: float, seed) -> Iterator[bool]:
+    """``random_pause(seed, probability)``, or ``never_pause()`` when ``probability`` is 0:
+    what a testbench hands every driver for a run "with stalls of ``probability``"."""
+    return random_pause(seed, probability) if probability else never_pause()
+
+
 def never_pause() -> Iterator[bool]:
     """The pause generator that never pauses (full throughput)."""
     return itertools.repeat(False)
@@ -454,3 +460,13 @@ class StreamSink(_StreamDriver):
             self._ready_high = True
         if self._waiters:
             self._wake(cycle)
+
+
+async def backdoor_load(dut, clk, words, *, addr_width: int, prefix: str = "load") -> None:
+    """Write ``(word address, data hex)`` pairs through a memory model's backdoor stream
+    (payload: address in the low ``addr_width`` bits, data above). Python per word, once,
+    before the timed part of a run (``trilut.hdl.ddr_model.DdrModel.load``)."""
+    load = StreamSource(dut, prefix, clk)
+    for addr, word in words:
+        load.send_nowait(addr | int(word, 16) << addr_width)
+    await load.wait_idle(timeout_cycles=len(words) + 100)

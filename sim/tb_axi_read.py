@@ -20,14 +20,10 @@ from pathlib import Path
 import cocotb
 from cocotb.triggers import ClockCycles
 
-from trilut.sim.streams import (StreamSink, StreamSource, never_pause, random_pause, reset,
-                                start_clock)
+from trilut.sim.streams import (StreamSink, StreamSource, reset, stalls, start_clock)
 
 PAGE_BYTES = 4096
 
-
-def _pause(probability: float, seed: int):
-    return random_pause(seed, probability) if probability else never_pause()
 
 
 class TB:
@@ -69,8 +65,8 @@ async def axi_read_phases(dut):
     report, problems = [], []
     for number, phase in enumerate(spec["phases"]):
         name = phase["name"]
-        tb.cmd.set_pause(_pause(phase["cmd_idle"], 2 * number + 1))
-        tb.data.set_pause(_pause(phase["data_stall"], 2 * number + 2))
+        tb.cmd.set_pause(stalls(phase["cmd_idle"], 2 * number + 1))
+        tb.data.set_pause(stalls(phase["data_stall"], 2 * number + 2))
         first_cmd, first_word = tb.cmd.accepted, len(tb.data.received)
         first_ar = len(tb.ar.received)
         expected = [int(word, 16) for word in phase["expected"]]

@@ -13,12 +13,8 @@ from pathlib import Path
 
 import cocotb
 
-from trilut.sim.streams import (StreamSink, StreamSource, never_pause, random_pause, reset,
-                                start_clock)
+from trilut.sim.streams import (StreamSink, StreamSource, backdoor_load, reset, stalls, start_clock)
 
-
-def _pause(stall: float, seed: int):
-    return random_pause(seed, stall) if stall else never_pause()
 
 
 @cocotb.test()
@@ -29,16 +25,12 @@ async def bitlinear_rows(dut):
         getattr(dut, name).value = case[name]
     await reset(dut.clk, dut.rst)
 
-    load = StreamSource(dut, "load", dut.clk)
-    shift = case["word_addr_width"]
-    for addr, word in case["ddr"]:
-        load.send_nowait(addr | int(word, 16) << shift)
-    await load.wait_idle(timeout_cycles=len(case["ddr"]) + 100)
+    await backdoor_load(dut, dut.clk, case["ddr"], addr_width=case["word_addr_width"])
 
     stall, seed = case["stall"], case["seed"]
-    sources = {name: StreamSource(dut, name, dut.clk, _pause(stall, seed + i))
+    sources = {name: StreamSource(dut, name, dut.clk, stalls(stall, seed + i))
                for i, name in enumerate(("cmd", "tiles", "x", "norm_weight"))}
-    y = StreamSink(dut, "y", dut.clk, _pause(stall, seed + 9))
+    y = StreamSink(dut, "y", dut.clk, stalls(stall, seed + 9))
     for name, source in sources.items():
         for beat in case[name]:
             source.send_nowait(int(beat, 16) if isinstance(beat, str) else beat)

@@ -17,15 +17,11 @@ from pathlib import Path
 import cocotb
 from cocotb.triggers import ClockCycles
 
-from trilut.sim.streams import (StreamSink, StreamSource, never_pause, random_pause, reset,
-                                start_clock)
+from trilut.sim.streams import (StreamSink, StreamSource, reset, stalls, start_clock)
 
 #: Cycles the output must stay silent after the last expected beat.
 _QUIET_CYCLES = 40
 
-
-def _pause(stall: float, seed: int):
-    return random_pause(seed, stall) if stall else never_pause()
 
 
 def _set_ports(dut, ports: dict) -> None:
@@ -51,11 +47,11 @@ async def lane_unit_cases(dut):
         seed, stall = case["seed"], case["stall"]
         first_in = {}
         for i, (name, source) in enumerate(sources.items()):
-            source.set_pause(_pause(stall, seed + i))
+            source.set_pause(stalls(stall, seed + i))
             first_in[name] = source.accepted
             for beat in case["streams"][name]:
                 source.send_nowait(int(beat, 16))
-        sink.set_pause(_pause(stall, seed + len(sources)))
+        sink.set_pause(stalls(stall, seed + len(sources)))
         first_out = len(sink.received)
         expected = [int(b, 16) for b in case["expected"]]
         beats = max([len(expected)] + [len(b) for b in case["streams"].values()])

@@ -14,12 +14,8 @@ from pathlib import Path
 
 import cocotb
 
-from trilut.sim.streams import (StreamSink, StreamSource, never_pause, random_pause, reset,
-                                start_clock)
+from trilut.sim.streams import (StreamSink, StreamSource, backdoor_load, reset, stalls, start_clock)
 
-
-def _pause(stall: float, seed: int):
-    return random_pause(seed, stall) if stall else never_pause()
 
 
 @cocotb.test()
@@ -31,17 +27,13 @@ async def weight_fed_matmul(dut):
     await reset(dut.clk, dut.rst)
 
     # Place the weight image: Python per word, once, before the timed run.
-    load = StreamSource(dut, "load", dut.clk)
-    shift = case["word_addr_width"]
-    for addr, word in case["ddr"]:
-        load.send_nowait(addr | int(word, 16) << shift)
-    await load.wait_idle(timeout_cycles=len(case["ddr"]) + 100)
+    await backdoor_load(dut, dut.clk, case["ddr"], addr_width=case["word_addr_width"])
 
     stall, seed = case["stall"], case["seed"]
-    cmd = StreamSource(dut, "cmd", dut.clk, _pause(stall, seed))
-    tiles = StreamSource(dut, "tiles", dut.clk, _pause(stall, seed + 1))
-    acts = StreamSource(dut, "acts", dut.clk, _pause(stall, seed + 2))
-    results = StreamSink(dut, "results", dut.clk, _pause(stall, seed + 3))
+    cmd = StreamSource(dut, "cmd", dut.clk, stalls(stall, seed))
+    tiles = StreamSource(dut, "tiles", dut.clk, stalls(stall, seed + 1))
+    acts = StreamSource(dut, "acts", dut.clk, stalls(stall, seed + 2))
+    results = StreamSink(dut, "results", dut.clk, stalls(stall, seed + 3))
     for c in case["cmd"]:
         cmd.send_nowait(c)
     for t in case["tiles"]:

@@ -18,8 +18,7 @@ from cocotb.triggers import ClockCycles
 import numpy as np
 
 from trilut.models import fp16 as fp
-from trilut.sim.streams import (StreamSink, StreamSource, never_pause, random_pause, reset,
-                                start_clock)
+from trilut.sim.streams import (StreamSink, StreamSource, reset, stalls, start_clock)
 
 __all__ = ["activation_rows", "edge_rows"]
 
@@ -58,9 +57,6 @@ def edge_rows(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
     }
 
 
-def _pause(stall: float, seed: int):
-    return random_pause(seed, stall) if stall else never_pause()
-
 @cocotb.test()
 async def row_unit_cases(dut):
     spec = json.loads(Path(os.environ["TRILUT_ROW_CASES"]).read_text())
@@ -78,9 +74,9 @@ async def row_unit_cases(dut):
             getattr(dut, port).value = value
         seed, stall = case["seed"], case["stall"]
         for i, source in enumerate(sources.values()):
-            source.set_pause(_pause(stall, seed + i))
+            source.set_pause(stalls(stall, seed + i))
         for i, sink in enumerate(sinks.values()):
-            sink.set_pause(_pause(stall, seed + 100 + i))
+            sink.set_pause(stalls(stall, seed + 100 + i))
         first = {name: source.accepted for name, source in sources.items()}
         for name, beats in case["inputs"].items():
             for b in beats:

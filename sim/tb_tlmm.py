@@ -14,12 +14,8 @@ from pathlib import Path
 
 import cocotb
 
-from trilut.sim.streams import (StreamSink, StreamSource, never_pause, random_pause, reset,
-                                start_clock)
+from trilut.sim.streams import (StreamSink, StreamSource, reset, stalls, start_clock)
 
-
-def _pause(stall: float, seed: int):
-    return random_pause(seed, stall) if stall else never_pause()
 
 
 @cocotb.test()
@@ -40,9 +36,9 @@ async def tlmm_cases(dut):
         dut.k_blocks.value = case["k_blocks"]
         dut.n_groups.value = case["n_groups"]
         seed, stall = case["seed"], case["stall"]
-        weights.set_pause(_pause(stall, seed))
-        acts.set_pause(_pause(stall, seed + 1))
-        results.set_pause(_pause(stall, seed + 2))
+        weights.set_pause(stalls(stall, seed))
+        acts.set_pause(stalls(stall, seed + 1))
+        results.set_pause(stalls(stall, seed + 2))
         first_weight = weights.accepted
         first_result = len(results.handshake_cycles)
         expected = [int(b, 16) for b in case["expected"]]

@@ -15,12 +15,8 @@ from pathlib import Path
 import cocotb
 from cocotb.triggers import ClockCycles
 
-from trilut.sim.streams import (StreamSink, StreamSource, never_pause, random_pause, reset,
-                                start_clock)
+from trilut.sim.streams import (StreamSink, StreamSource, reset, stalls, start_clock)
 
-
-def _pause(probability: float, seed: int):
-    return random_pause(seed, probability) if probability else never_pause()
 
 
 @cocotb.test()
@@ -36,9 +32,9 @@ async def weight_buffer_cases(dut):
     mismatches = []
     for case in spec["cases"]:
         seed = case["seed"]
-        tiles.set_pause(_pause(case["tiles_idle"], seed))
-        fill.set_pause(_pause(case["fill_idle"], seed + 1))
-        beats.set_pause(_pause(case["beats_stall"], seed + 2))
+        tiles.set_pause(stalls(case["tiles_idle"], seed))
+        fill.set_pause(stalls(case["fill_idle"], seed + 1))
+        beats.set_pause(stalls(case["beats_stall"], seed + 2))
         first_command = len(tiles.handshake_cycles)
         first_word = len(fill.handshake_cycles)
         first_beat = len(beats.handshake_cycles)

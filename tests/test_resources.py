@@ -7,7 +7,6 @@ then synthesise each design once), so every estimate here comes from a real run.
 
 import json
 import os
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -202,9 +201,8 @@ def test_flattened_design_counts_the_same(with_uram):
 
 
 def test_second_estimate_comes_from_the_cache(with_uram, cache):
-    start = time.monotonic()
     again = estimate(Bench(), name="bench", uram=True)
-    assert again.cached and time.monotonic() - start < 5
+    assert again.cached       # read from the cache: no second yosys run (no wall-clock bound)
     assert again.total == with_uram.total and again.modules == with_uram.modules
     assert again.log_path == with_uram.log_path
     assert cache in again.log_path.parents
@@ -297,10 +295,10 @@ def test_identical_modules_merge_bottom_up():
 
 
 def test_timeout_kills_yosys(own_cache):
-    start = time.monotonic()
+    # SynthesisTimeout is raised only while yosys is still running, so it proves the kill;
+    # no wall-clock bound here (a loaded CI machine must not fail it).
     with pytest.raises(SynthesisTimeout, match="timeout"):
         estimate(Multiplier(), name="slow", uram=False, timeout=0.5)
-    assert time.monotonic() - start < 10
     # Nothing half-made is left where the cache looks: only finished entries and failed/.
     assert {p.name for p in (own_cache / "yosys").iterdir() if p.is_dir()} == {"failed"}
     assert (next((own_cache / "yosys" / "failed").iterdir()) / "yosys.log").is_file()
