@@ -1,3 +1,4 @@
+# amaranth: UnusedElaboratable=no
 """A whole BitLinear layer on Verilator: RMSNorm -> int8 quantization -> TLMM with weights
 from the DDR image (AXI read master, weight buffer) -> dequantization, fp16 in and out.
 

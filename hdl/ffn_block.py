@@ -1,0 +1,283 @@
+"""The FFN block in TeLLMe's streaming dataflow, weights fed from DDR through one engine.
+
+    h ─┬─> RmsNorm(post_attention_layernorm) -> ActQuantizer ──acts──┐ (one row, replayed
+       │                                       │ absmax              v  for gate and up)
+       │             Dequantizer <── results ── WeightFedTlmm (DDR -> AXI -> buffer -> engine)
+       │                 │ (routed by phase: gate, up, down)          ^
+       │  gate -> FIFO ──┤                                            │ acts
+       │                 v                                            │
+       │          GatedActivation(act(gate) * up) -> RmsNorm(ffn_sub_norm) -> ActQuantizer
+       │                 │ down
+       └─> residual FIFO ──> ResidualAdd -> y
+
+One ``WeightFedTlmm`` is time-shared by the three matmuls (TeLLMe uses one engine), in the
+order gate, up, down for every row. The norm and quantizer in front of gate / up serve both:
+the quantized row is replayed ``2 * tiles_for(ffn)`` times, so gate and up are two engine rows
+of the same shape (K = hidden, N = ffn). Down is one engine row of shape (K = ffn,
+N = hidden).
+
+Sequencing (four small counters, no host involvement beyond the weight schedule):
+
+* ``res_phase`` (gate, up, down) counts the engine's result beats; it selects the engine's and
+  the dequantizer's shape (``k_blocks``, ``n_groups``) and where a dequantized beat goes.
+* ``act_phase`` counts the activation beats the engine takes; the engine takes a beat of the
+  shape class (gate/up or down) only while ``res_phase`` is in the same class, so the shape
+  inputs switch only when the engine is empty (its last result beat of the class has left).
+* ``abs_phase`` orders the dequantizer's per-row scales: the gate/up quantizer's absmax is
+  offered twice (with the gate, then the up weight scale), the down quantizer's once.
+  ``DequantScale`` reads ``weight_scale`` only on the edge that takes ``absmax``.
+* the dequantizer's outputs are routed by their own counter (``out_phase``).
+
+The host streams the three layers' weight schedules (``weight_schedule`` per layer,
+concatenated in phase order per row) on ``cmd`` / ``tiles``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from amaranth.hdl import Module, Mux, Signal, unsigned
+from amaranth.lib import fifo, stream, wiring
+from amaranth.lib.wiring import In, Out
+
+from trilut.config import EngineConfig
+from trilut.hdl.ddr_model import VIOLATION_LAYOUT, DdrModel
+from trilut.hdl.lane_units import Dequantizer, GatedActivation, ResidualAdd, lane_layout
+from trilut.hdl.linear_datapath import WeightFedTlmm
+from trilut.hdl.row_units import ActQuantizer, RmsNorm
+from trilut.models import numerics as nm
+
+__all__ = ["FfnBlock", "FfnBlockHarness"]
+
+GATE, UP, DOWN = 0, 1, 2
+
+
+class _LaneFifo(wiring.Component):
+    """A stream FIFO of fp16 lane beats (``SyncFIFOBuffered``)."""
+
+    def __init__(self, lanes: int, depth: int):
+        self.lanes, self.depth = lanes, depth
+        super().__init__({"i": In(stream.Signature(lane_layout(lanes))),
+                          "o": Out(stream.Signature(lane_layout(lanes)))})
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.fifo = f = fifo.SyncFIFOBuffered(width=16 * self.lanes, depth=self.depth)
+        m.d.comb += [f.w_data.eq(self.i.payload.as_value()), f.w_en.eq(self.i.valid),
+                     self.i.ready.eq(f.w_rdy),
+                     self.o.payload.as_value().eq(f.r_data), self.o.valid.eq(f.r_rdy),
+                     f.r_en.eq(self.o.ready)]
+        return m
+
+
+class FfnBlock(wiring.Component):
+    """``y = h + down(sub_norm(act(gate(norm(h))) * up(norm(h))))`` per row of ``hidden`` fp16.
+
+    Streams: ``h`` (the residual rows, ``hidden / C`` beats each), ``norm_weight`` (the
+    post-attention norm's weights, one row per ``h`` row), ``sub_norm_weight`` (``ffn_sub_norm``
+    weights, ``ffn / C`` beats, one row per ``h`` row), ``y`` (``hidden / C`` beats per row);
+    ``cmd`` / ``tiles`` (the weight schedule of gate, up, down per row); ``axi`` to DDR.
+    Scalar inputs (held): ``gate_scale``, ``up_scale``, ``down_scale`` (fp32 codes).
+    The shapes are fixed at construction (``hidden``, ``ffn``).
+    """
+
+    def __init__(self, cfg: EngineConfig, *, hidden: int, ffn: int, activation: str = "relu2",
+                 word_bits: int = 128, tile_beats: int = 4096, eps: float = 1e-5,
+                 residual_rows: int = 2):
+        C = cfg.columns_per_cycle
+        for name, n in (("hidden", hidden), ("ffn", ffn)):
+            cfg.check_shape(n, n)
+            if n % C or cfg.padded_n(n) != n:
+                raise ValueError(f"{name} = {n} must be a multiple of C = {C} (unpadded)")
+        self.cfg, self.hidden, self.ffn, self.activation = cfg, hidden, ffn, activation
+        self.eps = eps
+        self.hidden_beats, self.ffn_beats = hidden // C, ffn // C
+        self.norm = RmsNorm(lanes=C, max_n=hidden, eps=eps)
+        self.quant = ActQuantizer(cfg, lanes=C, max_n=hidden)
+        self.sub_norm = RmsNorm(lanes=C, max_n=ffn, eps=eps)
+        self.sub_quant = ActQuantizer(cfg, lanes=C, max_n=ffn)
+        self.datapath = WeightFedTlmm(cfg, word_bits=word_bits, tile_beats=tile_beats)
+        self.dequant = Dequantizer(cfg)
+        self.gated = GatedActivation(lanes=C, activation=activation)
+        self.residual = ResidualAdd(lanes=C)
+        self.gate_fifo = _LaneFifo(C, self.ffn_beats)
+        self.residual_fifo = _LaneFifo(C, residual_rows * self.hidden_beats)
+        # Engine shapes per class: gate/up (K = hidden, N = ffn), down (K = ffn, N = hidden).
+        self.k_blocks = {GATE: cfg.padded_k(hidden) // cfg.block_k,
+                         DOWN: cfg.padded_k(ffn) // cfg.block_k}
+        self.n_groups = {GATE: ffn // C, DOWN: hidden // C}
+        self.quant_tiles = 2 * self.quant.tiles_for(ffn)
+        self.sub_quant_tiles = self.sub_quant.tiles_for(hidden)
+        dp = self.datapath
+        lanes = stream.Signature(lane_layout(C))
+        super().__init__({
+            "h": In(lanes),
+            "norm_weight": In(lanes),
+            "sub_norm_weight": In(lanes),
+            "y": Out(lanes),
+            "axi": Out(dp.axi.signature),
+            "cmd": In(dp.cmd.signature.flip()),
+            "tiles": In(dp.tiles.signature.flip()),
+            "gate_scale": In(unsigned(32)),
+            "up_scale": In(unsigned(32)),
+            "down_scale": In(unsigned(32)),
+            "error": Out(1),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        for name in ("norm", "quant", "sub_norm", "sub_quant", "datapath", "dequant", "gated",
+                     "residual", "gate_fifo", "residual_fifo"):
+            m.submodules[name] = getattr(self, name)
+        norm, quant, sub_norm, sub_quant = self.norm, self.quant, self.sub_norm, self.sub_quant
+        dp, deq, gated, res = self.datapath, self.dequant, self.gated, self.residual
+        gfifo, rfifo = self.gate_fifo, self.residual_fifo
+        m.d.comb += [norm.n.eq(self.hidden), quant.n.eq(self.hidden),
+                     quant.tiles.eq(self.quant_tiles),
+                     sub_norm.n.eq(self.ffn), sub_quant.n.eq(self.ffn),
+                     sub_quant.tiles.eq(self.sub_quant_tiles),
+                     self.error.eq(dp.error)]
+
+        # ---- h forks to the norm and the residual FIFO ------------------------------------
+        m.d.comb += [norm.x.payload.eq(self.h.payload), rfifo.i.payload.eq(self.h.payload),
+                     norm.x.valid.eq(self.h.valid & rfifo.i.ready),
+                     rfifo.i.valid.eq(self.h.valid & norm.x.ready),
+                     self.h.ready.eq(norm.x.ready & rfifo.i.ready)]
+        wiring.connect(m, wiring.flipped(self.norm_weight), norm.weight)
+        wiring.connect(m, norm.y, quant.x)
+        wiring.connect(m, wiring.flipped(self.sub_norm_weight), sub_norm.weight)
+        wiring.connect(m, gated.y, sub_norm.x)
+        wiring.connect(m, sub_norm.y, sub_quant.x)
+        wiring.connect(m, wiring.flipped(self.axi), dp.axi)
+        wiring.connect(m, wiring.flipped(self.cmd), dp.cmd)
+        wiring.connect(m, wiring.flipped(self.tiles), dp.tiles)
+
+        # ---- res_phase: the engine's result beats (and the dequantizer's inputs) ----------
+        res_phase = Signal(range(3))
+        res_count = Signal(range(max(self.n_groups.values())))
+        res_down = res_phase == DOWN
+        res_groups = Mux(res_down, self.n_groups[DOWN], self.n_groups[GATE])
+        m.d.comb += [dp.k_blocks.eq(Mux(res_down, self.k_blocks[DOWN], self.k_blocks[GATE])),
+                     dp.n_groups.eq(res_groups), deq.n_groups.eq(res_groups)]
+        wiring.connect(m, dp.results, deq.acc)
+        with m.If(dp.results.valid & dp.results.ready):
+            with m.If(res_count == res_groups - 1):
+                m.d.sync += [res_count.eq(0), res_phase.eq(Mux(res_down, GATE, res_phase + 1))]
+            with m.Else():
+                m.d.sync += res_count.eq(res_count + 1)
+
+        # ---- act_phase: the engine's activation beats -------------------------------------
+        gate_act_beats = self.k_blocks[GATE] * self.quant.tiles_for(self.ffn)   # per engine row
+        down_act_beats = self.k_blocks[DOWN] * self.sub_quant_tiles
+        act_phase = Signal(range(3))
+        act_count = Signal(range(max(gate_act_beats, down_act_beats)))
+        act_down = act_phase == DOWN
+        act_beats = Mux(act_down, down_act_beats, gate_act_beats)
+        open_ = act_down == res_down            # same shape class as the results
+        m.d.comb += [
+            dp.acts.payload.eq(Mux(act_down, sub_quant.acts.payload.as_value(),
+                                   quant.acts.payload.as_value())),
+            dp.acts.valid.eq(open_ & Mux(act_down, sub_quant.acts.valid, quant.acts.valid)),
+            quant.acts.ready.eq(open_ & ~act_down & dp.acts.ready),
+            sub_quant.acts.ready.eq(open_ & act_down & dp.acts.ready),
+        ]
+        with m.If(dp.acts.valid & dp.acts.ready):
+            with m.If(act_count == act_beats - 1):
+                m.d.sync += [act_count.eq(0), act_phase.eq(Mux(act_down, GATE, act_phase + 1))]
+            with m.Else():
+                m.d.sync += act_count.eq(act_count + 1)
+
+        # ---- abs_phase: per-row scales into the dequantizer -------------------------------
+        abs_phase = Signal(range(3))
+        abs_down = abs_phase == DOWN
+        m.d.comb += [
+            deq.absmax.payload.eq(Mux(abs_down, sub_quant.absmax.payload, quant.absmax.payload)),
+            deq.absmax.valid.eq(Mux(abs_down, sub_quant.absmax.valid, quant.absmax.valid)),
+            quant.absmax.ready.eq((abs_phase == UP) & deq.absmax.ready),
+            sub_quant.absmax.ready.eq(abs_down & deq.absmax.ready),
+            deq.weight_scale.eq(Mux(abs_phase == GATE, self.gate_scale,
+                                    Mux(abs_phase == UP, self.up_scale, self.down_scale))),
+        ]
+        with m.If(deq.absmax.valid & deq.absmax.ready):
+            m.d.sync += abs_phase.eq(Mux(abs_down, GATE, abs_phase + 1))
+
+        # ---- out_phase: route the dequantized beats ---------------------------------------
+        out_phase = Signal(range(3))
+        out_count = Signal(range(max(self.n_groups.values())))
+        out_down = out_phase == DOWN
+        out_groups = Mux(out_down, self.n_groups[DOWN], self.n_groups[GATE])
+        payload = deq.y.payload.as_value()
+        m.d.comb += [
+            gfifo.i.payload.eq(payload), gated.up.payload.eq(payload),
+            res.update.payload.eq(payload),
+            gfifo.i.valid.eq(deq.y.valid & (out_phase == GATE)),
+            gated.up.valid.eq(deq.y.valid & (out_phase == UP)),
+            res.update.valid.eq(deq.y.valid & out_down),
+            deq.y.ready.eq(Mux(out_phase == GATE, gfifo.i.ready,
+                               Mux(out_phase == UP, gated.up.ready, res.update.ready))),
+        ]
+        with m.If(deq.y.valid & deq.y.ready):
+            with m.If(out_count == out_groups - 1):
+                m.d.sync += [out_count.eq(0), out_phase.eq(Mux(out_down, GATE, out_phase + 1))]
+            with m.Else():
+                m.d.sync += out_count.eq(out_count + 1)
+        wiring.connect(m, gfifo.o, gated.gate)
+        wiring.connect(m, rfifo.o, res.residual)
+        wiring.connect(m, res.y, wiring.flipped(self.y))
+        return m
+
+    # ---- what it computes ----------------------------------------------------------------
+
+    def model(self, h, norm_weight, sub_norm_weight, gate_values, up_values, down_values,
+              gate_scale: float, up_scale: float, down_scale: float) -> np.ndarray:
+        """Bit-exact (level 2): fp16 codes ``h[M, hidden]`` -> fp16 codes ``y[M, hidden]``,
+        the RTL's rounding sequence."""
+        h = np.asarray(h, dtype=np.uint16)
+        partials = self.norm.partials
+
+        def linear(codes, absmax, values, scale):
+            acc = nm.ternary_matmul(codes, values)
+            s = nm.fp16_dequant_scale(absmax, scale)
+            return nm.fp16_dequantize(acc, np.asarray(s).reshape(-1, 1))
+
+        normed = nm.fp16_rmsnorm(h, norm_weight, self.eps, partials=partials)
+        codes, absmax = nm.fp16_quantize_int8(normed)
+        gate = linear(codes, absmax, gate_values, gate_scale)
+        up = linear(codes, absmax, up_values, up_scale)
+        act = nm.fp16_relu2(gate) if self.activation == "relu2" else nm.fp16_silu(gate)
+        mixed = nm.fp16_gate_mul(act, up)
+        sub = nm.fp16_rmsnorm(mixed, sub_norm_weight, self.eps,
+                              partials=self.sub_norm.partials)
+        codes2, absmax2 = nm.fp16_quantize_int8(sub)
+        down = linear(codes2, absmax2, down_values, down_scale)
+        return nm.fp16_residual_add(h, down)
+
+
+class FfnBlockHarness(wiring.Component):
+    """Simulation top: ``FfnBlock`` reading a ``DdrModel`` (backdoor ``load``)."""
+
+    def __init__(self, cfg: EngineConfig, *, hidden: int, ffn: int, activation: str = "relu2",
+                 ddr_words: int, word_bits: int = 128, tile_beats: int = 4096,
+                 latency: int = 20, beats_per_window: int = 1, window: int = 1,
+                 eps: float = 1e-5):
+        self.block = FfnBlock(cfg, hidden=hidden, ffn=ffn, activation=activation,
+                              word_bits=word_bits, tile_beats=tile_beats, eps=eps)
+        self.ddr = DdrModel(depth=ddr_words, data_width=word_bits, latency=latency,
+                            beats_per_window=beats_per_window, window=window)
+        ports = {name: member for name, member in self.block.signature.members.items()
+                 if name != "axi"}
+        super().__init__({**ports, "load": In(self.ddr.load.signature.flip()),
+                          "violations": Out(VIOLATION_LAYOUT)})
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.block = block = self.block
+        m.submodules.ddr = ddr = self.ddr
+        wiring.connect(m, block.axi, ddr.axi)
+        wiring.connect(m, wiring.flipped(self.load), ddr.load)
+        for name in ("h", "norm_weight", "sub_norm_weight", "cmd", "tiles"):
+            wiring.connect(m, wiring.flipped(getattr(self, name)), getattr(block, name))
+        wiring.connect(m, block.y, wiring.flipped(self.y))
+        for name in ("gate_scale", "up_scale", "down_scale"):
+            m.d.comb += getattr(block, name).eq(getattr(self, name))
+        m.d.comb += [self.error.eq(block.error), self.violations.eq(ddr.violations)]
+        return m
