@@ -152,3 +152,53 @@ def run_ddr_linear_benchmark(*, quick: bool = False, console: Console | None = N
                       f"{r['cycles_over_bound']:.3f}", "yes" if r["bit_exact"] else "NO")
     console.print(table)
     return rows
+
+
+def run_ffn_benchmark(*, quick: bool = False, console: Console | None = None) -> list[dict]:
+    """The tiny model's FFN block (256 -> 640 -> 256, relu2) on Verilator, one token, weights
+    from DDR: cycles per block against the weight-feed bound."""
+    import tempfile
+
+    import torch
+
+    from trilut.host.weight_image import compile_weight_image
+    from trilut.models import numerics as nm
+    from trilut.models.checkpoint import build_tiny_checkpoint, load_checkpoint
+    from trilut.sim.ffn_block_run import run_ffn_block
+    from trilut.sim.linear_datapath_run import DdrSetting
+
+    console = console or Console()
+    points = [
+        ("G3 T4 C4 D16, 64-bit DDR, full rate", EngineConfig(
+            group_size=3, tables_per_step=4, columns_per_cycle=4, accumulator_depth=16,
+            max_k=1024), 64, DdrSetting(20, 1, 1)),
+        ("G3 T4 C4 D16, 64-bit DDR, half rate", EngineConfig(
+            group_size=3, tables_per_step=4, columns_per_cycle=4, accumulator_depth=16,
+            max_k=1024), 64, DdrSetting(40, 1, 2)),
+    ]
+    if not quick:
+        points.append(("G3 T8 C8 D16, 128-bit DDR, full rate", EngineConfig(
+            group_size=3, tables_per_step=8, columns_per_cycle=8, accumulator_depth=16,
+            max_k=1024), 128, DdrSetting(20, 1, 1)))
+    with tempfile.TemporaryDirectory() as tmp:
+        build_tiny_checkpoint(tmp)
+        model = load_checkpoint(tmp)
+    h = nm.fp16_from_float(model.embed_tokens.weight[torch.tensor([5])].detach().double().numpy())
+    rows = []
+    with console.status("") as status:
+        for name, engine, word_bits, ddr in points:
+            status.update(f"FFN block, {name}, on Verilator")
+            image = compile_weight_image(model, engine, ddr_word_bits=word_bits)
+            o = run_ffn_block(image, h, ddr=ddr)
+            rows.append({"config": name, "cycles": o.cycles, "weight_words": o.weight_words,
+                         "weight_feed_cycles": o.weight_feed_cycles,
+                         "ratio": o.cycles / o.weight_feed_cycles, "bit_exact": bool(o.exact)})
+    table = Table(title="FFN block (tiny model, 1 token) fed from DDR: cycles vs weight-feed bound")
+    for col in ("config", "cycles", "weight words", "weight-feed bound", "cycles / bound", "exact"):
+        table.add_column(col, justify="left" if col == "config" else "right")
+    for r in rows:
+        table.add_row(r["config"], str(r["cycles"]), str(r["weight_words"]),
+                      f"{r['weight_feed_cycles']:g}", f"{r['ratio']:.3f}",
+                      "yes" if r["bit_exact"] else "NO")
+    console.print(table)
+    return rows

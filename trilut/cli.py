@@ -130,11 +130,12 @@ def cmd_demo(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from trilut.bench import run_ddr_linear_benchmark, run_tlmm_benchmark
+    from trilut.bench import run_ddr_linear_benchmark, run_ffn_benchmark, run_tlmm_benchmark
     console = _console()
     rows = {"tlmm_engine": run_tlmm_benchmark(quick=args.quick,
                                               resources=not args.no_resources, console=console),
-            "linear_from_ddr": run_ddr_linear_benchmark(quick=args.quick, console=console)}
+            "linear_from_ddr": run_ddr_linear_benchmark(quick=args.quick, console=console),
+            "ffn_block": run_ffn_benchmark(quick=args.quick, console=console)}
     if args.json:
         print(json.dumps(rows, indent=2))
     return 0
