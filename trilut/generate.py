@@ -24,9 +24,33 @@ __all__ = ["design_components", "component_ports", "generate"]
 MANIFEST_VERSION = 1
 
 
-def design_components(design: DesignConfig) -> dict[str, wiring.Component]:
-    """The top-level components of the design, by Verilog module name."""
-    return {"tlmm_engine": TlmmEngine(design.engine)}
+def design_components(design: DesignConfig, *, datapath: bool = False
+                      ) -> dict[str, wiring.Component]:
+    """The top-level components of the design, by Verilog module name.
+
+    ``datapath`` adds the linear datapath's other blocks, each sized for the board's engine
+    (C fp16 lanes, K up to ``max_k``): the AXI read master, the double-buffered weight buffer
+    and the fused element-wise units. They are separate modules for now; the FFN block that
+    wires them (``hdl/ffn_block.py``) fixes its shapes at build time.
+    """
+    components = {"tlmm_engine": TlmmEngine(design.engine)}
+    if datapath:
+        from trilut.hdl.axi import AxiReadMaster
+        from trilut.hdl.lane_units import Dequantizer, GatedActivation, ResidualAdd
+        from trilut.hdl.row_units import ActQuantizer, RmsNorm
+        from trilut.hdl.weight_buffer import WeightBuffer
+        e = design.engine
+        lanes = e.columns_per_cycle
+        components.update({
+            "axi_read_master": AxiReadMaster(data_width=128),
+            "weight_buffer": WeightBuffer(e, tile_beats=4096, word_bits=128),
+            "rms_norm": RmsNorm(lanes=lanes, max_n=e.max_k),
+            "act_quantizer": ActQuantizer(e, lanes=lanes, max_n=e.max_k),
+            "dequantizer": Dequantizer(e),
+            "gated_activation": GatedActivation(lanes=lanes, activation="relu2"),
+            "residual_add": ResidualAdd(lanes=lanes),
+        })
+    return components
 
 
 def component_ports(component: wiring.Component) -> list[dict]:
@@ -57,7 +81,8 @@ def _engine_parameters(design: DesignConfig) -> dict:
     }
 
 
-def generate(design: DesignConfig, out: Path, *, model=None, ddr_word_bits: int = 128) -> dict:
+def generate(design: DesignConfig, out: Path, *, model=None, ddr_word_bits: int = 128,
+             datapath: bool = False) -> dict:
     """Write each component's Verilog and ``manifest.json`` into ``out``; return the manifest.
 
     With ``model`` (a ``BitNetModel`` or a checkpoint directory), also write the DDR weight
@@ -67,7 +92,7 @@ def generate(design: DesignConfig, out: Path, *, model=None, ddr_word_bits: int 
     out.mkdir(parents=True, exist_ok=True)
     files = {}
     ports = {}
-    for name, component in design_components(design).items():
+    for name, component in design_components(design, datapath=datapath).items():
         text = verilog.convert(component, name=name)
         path = out / f"{name}.v"
         path.write_text(text)
