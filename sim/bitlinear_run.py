@@ -3,8 +3,6 @@ Verilator, and measure its error against the float golden model."""
 
 from __future__ import annotations
 
-import json
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +14,7 @@ from trilut.hdl.row_units import lane_beats, unpack_lane_beats
 from trilut.host.weight_image import WeightImage
 from trilut.models import numerics as nm
 from trilut.sim.linear_datapath_run import DdrSetting, weight_feed_spec
-from trilut.sim.runner import run_cocotb
+from trilut.sim.runner import run_case
 
 __all__ = ["BitLinearOutcome", "run_bitlinear"]
 
@@ -60,13 +58,8 @@ def run_bitlinear(image: WeightImage, layer: str, norm: str, x: np.ndarray, *,
         "expected": [format(b, "x") for b in lane_beats(expected, lanes)],
         "stall": stall, "seed": seed,
     })
-    run_dir = Path(run_dir or tempfile.mkdtemp(prefix="trilut-bitlinear-")).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "case.json").write_text(json.dumps(spec))
-    run_cocotb(harness, name="bitlinear", test_module="trilut.sim.tb_bitlinear", run_dir=run_dir,
-               env={"TRILUT_BITLINEAR_CASE": str(run_dir / "case.json"),
-                    "TRILUT_BITLINEAR_RESULTS": str(run_dir / "results.json")})
-    seen = json.loads((run_dir / "results.json").read_text())
+    seen, _ = run_case(harness, name="bitlinear", test_module="trilut.sim.tb_bitlinear",
+                       case=spec, run_dir=run_dir)
     y = unpack_lane_beats([int(b, 16) for b in seen["y"]], m, n, lanes)
     return BitLinearOutcome(layer=layer, y=y, expected=expected, cycles=seen["cycles"])
 

@@ -4,8 +4,6 @@ golden model."""
 
 from __future__ import annotations
 
-import json
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +15,7 @@ from trilut.hdl.row_units import lane_beats, unpack_lane_beats
 from trilut.host.weight_image import WeightImage
 from trilut.models import numerics as nm
 from trilut.sim.linear_datapath_run import DdrSetting, weight_feed_spec
-from trilut.sim.runner import run_cocotb
+from trilut.sim.runner import run_case
 
 __all__ = ["FfnOutcome", "run_ffn_block", "ffn_layers", "ffn_level2", "ffn_float_reference",
            "ddr_depth_for"]
@@ -120,13 +118,8 @@ def run_ffn_block(image: WeightImage, h: np.ndarray, *, activation: str = "relu2
         "expected": [format(b, "x") for b in lane_beats(expected, lanes)],
         "stall": stall, "seed": seed,
     }
-    run_dir = Path(run_dir or tempfile.mkdtemp(prefix="trilut-ffn-")).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "case.json").write_text(json.dumps(case))
-    run_cocotb(harness, name="ffn_block", test_module="trilut.sim.tb_ffn_block", run_dir=run_dir,
-               env={"TRILUT_FFN_CASE": str(run_dir / "case.json"),
-                    "TRILUT_FFN_RESULTS": str(run_dir / "results.json")})
-    seen = json.loads((run_dir / "results.json").read_text())
+    seen, _ = run_case(harness, name="ffn_block", test_module="trilut.sim.tb_ffn_block",
+                       case=case, run_dir=run_dir)
     y = unpack_lane_beats([int(b, 16) for b in seen["y"]], m, hidden, lanes)
     return FfnOutcome(y=y, expected=expected, cycles=seen["cycles"], weight_words=words * m,
                       weight_feed_cycles=words * m / ddr.words_per_cycle)

@@ -7,8 +7,6 @@ int8 activation blocks; the results must equal the engine's bit-exact model.
 
 from __future__ import annotations
 
-import json
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +16,7 @@ from trilut.config import EngineConfig
 from trilut.hdl.linear_datapath import WeightFedTlmmHarness, weight_schedule
 from trilut.host.weight_image import WeightImage
 from trilut.models import numerics as nm
-from trilut.sim.runner import run_cocotb
+from trilut.sim.runner import run_case
 
 __all__ = ["DdrSetting", "DatapathOutcome", "run_layer_from_ddr", "weight_feed_spec"]
 
@@ -100,13 +98,8 @@ def run_layer_from_ddr(image: WeightImage, layer: str, acts: np.ndarray, *,
         "expected": [format(b, "x") for b in nm.tlmm_result_beats(expected, C, cfg.acc_width)],
         "stall": stall, "seed": seed,
     })
-    run_dir = Path(run_dir or tempfile.mkdtemp(prefix="trilut-ldp-")).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "case.json").write_text(json.dumps(spec))
-    run_cocotb(harness, name="weight_fed_tlmm", test_module="trilut.sim.tb_linear_datapath",
-               run_dir=run_dir, env={"TRILUT_LDP_CASE": str(run_dir / "case.json"),
-                                     "TRILUT_LDP_RESULTS": str(run_dir / "results.json")})
-    seen = json.loads((run_dir / "results.json").read_text())
+    seen, _ = run_case(harness, name="weight_fed_tlmm", test_module="trilut.sim.tb_linear_datapath",
+                       case=spec, run_dir=run_dir)
     beats = [int(b, 16) for b in seen["results"]]
     words_read = sum(t.words for t in schedule)
     return DatapathOutcome(

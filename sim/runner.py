@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import hashlib
 import importlib.util
+import json
 import os
 import pathlib
 import re
@@ -45,7 +46,8 @@ from trilut.cache import cache_root, file_lock
 
 from .toolchain import ensure_verilator
 
-__all__ = ["BUILD_ARGS", "CocotbResult", "SimulationFailed", "run_cocotb"]
+__all__ = ["BUILD_ARGS", "CocotbResult", "SimulationFailed", "run_cocotb", "run_case",
+           "testbench_case", "testbench_results"]
 
 #: Arguments given to every Verilator build.
 #: ``-Wno-fatal``: Verilator otherwise stops on lint warnings. The three lints silenced here
@@ -401,3 +403,34 @@ def _store_runtime(build_dir: pathlib.Path, runtime: pathlib.Path, global_objs: 
         pass
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+# --- one JSON case in, one JSON result out ------------------------------------------------
+
+_CASE_ENV, _RESULTS_ENV = "TRILUT_CASE", "TRILUT_RESULTS"
+
+
+def run_case(component: wiring.Component, *, name: str, test_module: str, case: dict,
+             run_dir: "os.PathLike | str | None" = None) -> "tuple[dict, CocotbResult]":
+    """Run ``test_module`` on ``component`` with ``case`` (JSON-able) as its input; return
+    what the testbench wrote with :func:`testbench_results`, and the run's result.
+
+    The testbench reads the case with :func:`testbench_case`. Run directories are absolute:
+    the simulator runs in its own working directory."""
+    run_dir = pathlib.Path(run_dir or tempfile.mkdtemp(prefix=f"trilut-{name}-")).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    case_file, results_file = run_dir / "case.json", run_dir / "results.json"
+    case_file.write_text(json.dumps(case))
+    result = run_cocotb(component, name=name, test_module=test_module, run_dir=run_dir,
+                        env={_CASE_ENV: str(case_file), _RESULTS_ENV: str(results_file)})
+    return json.loads(results_file.read_text()), result
+
+
+def testbench_case() -> dict:
+    """In a testbench started by :func:`run_case`: its case."""
+    return json.loads(pathlib.Path(os.environ[_CASE_ENV]).read_text())
+
+
+def testbench_results(results: dict) -> None:
+    """In a testbench started by :func:`run_case`: hand ``results`` back to the caller."""
+    pathlib.Path(os.environ[_RESULTS_ENV]).write_text(json.dumps(results))

@@ -1,25 +1,22 @@
 """cocotb testbench for ``trilut.hdl.bitlinear.BitLinearHarness``.
 
-Reads ``TRILUT_BITLINEAR_CASE`` (written by ``trilut.sim.bitlinear_run``): the weight image
+Reads the case (written by ``trilut.sim.bitlinear_run``): the weight image
 words to place in DDR, the tile schedule, the fp16 input rows and norm weights as lane beats,
 the layer's scalars, and the expected fp16 output beats. Drives every stream from seeded pause
 generators, checks the output bit for bit and that no AXI rule broke, and writes what it saw
-and the cycle count to ``TRILUT_BITLINEAR_RESULTS``.
+and the cycle count to the caller (``run_case``).
 """
-
-import json
-import os
-from pathlib import Path
 
 import cocotb
 
-from trilut.sim.streams import (StreamSink, StreamSource, backdoor_load, reset, stalls, start_clock)
-
+from trilut.sim.runner import testbench_case, testbench_results
+from trilut.sim.streams import (StreamSink, StreamSource, backdoor_load, reset, stalls,
+                                start_clock)
 
 
 @cocotb.test()
 async def bitlinear_rows(dut):
-    case = json.loads(Path(os.environ["TRILUT_BITLINEAR_CASE"]).read_text())
+    case = testbench_case()
     start_clock(dut.clk, 4)
     for name in ("k", "k_blocks", "n_groups", "tiles_per_row", "weight_scale"):
         getattr(dut, name).value = case[name]
@@ -37,8 +34,8 @@ async def bitlinear_rows(dut):
     expected = [int(b, 16) for b in case["expected"]]
     got = await y.recv_n(len(expected), timeout_cycles=400 * len(expected) + 200_000)
     start = min(s.handshake_cycles[0] for s in sources.values())
-    Path(os.environ["TRILUT_BITLINEAR_RESULTS"]).write_text(json.dumps({
-        "y": [format(b, "x") for b in got], "cycles": y.handshake_cycles[-1] - start + 1}))
+    testbench_results({
+        "y": [format(b, "x") for b in got], "cycles": y.handshake_cycles[-1] - start + 1})
     assert int(dut.violations.value) == 0, "an AXI4 rule was broken"
     assert int(dut.error.value) == 0, "a read returned an error response"
     bad = [i for i, (g, e) in enumerate(zip(got, expected)) if g != e]

@@ -1,26 +1,23 @@
 """cocotb testbench for ``trilut.hdl.linear_datapath.WeightFedTlmmHarness``.
 
-Reads the run that ``trilut.sim.linear_datapath_run`` wrote (``TRILUT_LDP_CASE``): the DDR
+Reads the run that ``trilut.sim.linear_datapath_run`` wrote (through ``run_case``): the DDR
 words to place through the backdoor, the AXI read and buffer tile commands, the activation
 beats and the expected result beats. Places the image, then drives the three command/data
 streams and backpressures the results from seeded pause generators; checks every result beat
 bit for bit, that no AXI rule was broken and no read failed, and writes what it saw and the
-cycle count to ``TRILUT_LDP_RESULTS``.
+cycle count to the caller (``run_case``).
 """
-
-import json
-import os
-from pathlib import Path
 
 import cocotb
 
-from trilut.sim.streams import (StreamSink, StreamSource, backdoor_load, reset, stalls, start_clock)
-
+from trilut.sim.runner import testbench_case, testbench_results
+from trilut.sim.streams import (StreamSink, StreamSource, backdoor_load, reset, stalls,
+                                start_clock)
 
 
 @cocotb.test()
 async def weight_fed_matmul(dut):
-    case = json.loads(Path(os.environ["TRILUT_LDP_CASE"]).read_text())
+    case = testbench_case()
     start_clock(dut.clk, 4)
     dut.k_blocks.value = case["k_blocks"]
     dut.n_groups.value = case["n_groups"]
@@ -44,9 +41,9 @@ async def weight_fed_matmul(dut):
     got = await results.recv_n(len(expected), timeout_cycles=200 * len(expected) + 100_000)
     start = min(cmd.handshake_cycles[0], tiles.handshake_cycles[0])
     cycles = results.handshake_cycles[-1] - start + 1
-    Path(os.environ["TRILUT_LDP_RESULTS"]).write_text(json.dumps({
+    testbench_results({
         "results": [format(b, "x") for b in got], "cycles": cycles,
-        "violations": int(dut.violations.value), "error": int(dut.error.value)}))
+        "violations": int(dut.violations.value), "error": int(dut.error.value)})
     assert int(dut.violations.value) == 0, "an AXI4 rule was broken"
     assert int(dut.error.value) == 0, "a read returned an error response"
     bad = [i for i, (g, e) in enumerate(zip(got, expected)) if g != e]

@@ -1,26 +1,22 @@
 """cocotb testbench for ``trilut.hdl.tlmm_engine.TlmmEngine``.
 
-Reads the cases that ``trilut.sim.tlmm_run`` wrote (``TRILUT_TLMM_CASES``): for each, the
+Reads the cases that ``trilut.sim.tlmm_run`` wrote (through ``run_case``): for each, the
 shape inputs, the activation and weight beat streams, the expected result beats (from the
 numerics model) and the stall probability. Drives both input streams and backpressures the
 output from seeded pause generators, checks every result beat bit for bit (nothing dropped,
 duplicated or reordered), and writes what it saw and the cycle counts to
-``TRILUT_TLMM_RESULTS``.
+the caller (``run_case``).
 """
-
-import json
-import os
-from pathlib import Path
 
 import cocotb
 
+from trilut.sim.runner import testbench_case, testbench_results
 from trilut.sim.streams import (StreamSink, StreamSource, reset, stalls, start_clock)
-
 
 
 @cocotb.test()
 async def tlmm_cases(dut):
-    spec = json.loads(Path(os.environ["TRILUT_TLMM_CASES"]).read_text())
+    spec = testbench_case()
     start_clock(dut.clk, 4)                       # 250 MHz
     dut.k_blocks.value = 1
     dut.n_groups.value = 1
@@ -58,5 +54,5 @@ async def tlmm_cases(dut):
             bad = next(j for j, (g, e) in enumerate(zip(got, expected)) if g != e)
             mismatches.append(f"{case['name']}: result beat {bad} is {got[bad]:#x}, "
                               f"expected {expected[bad]:#x}")
-    Path(os.environ["TRILUT_TLMM_RESULTS"]).write_text(json.dumps({"cases": report}))
+    testbench_results({"cases": report})
     assert not mismatches, "; ".join(mismatches)

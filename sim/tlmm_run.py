@@ -7,8 +7,6 @@ configuration in one simulator launch, and unpacks what the RTL produced.
 
 from __future__ import annotations
 
-import json
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +15,7 @@ import numpy as np
 from trilut.config import EngineConfig
 from trilut.hdl.tlmm_engine import TlmmEngine
 from trilut.models import numerics as nm
-from trilut.sim.runner import CocotbResult, run_cocotb
+from trilut.sim.runner import CocotbResult, run_case
 
 __all__ = ["TlmmCase", "TlmmOutcome", "run_tlmm_cases"]
 
@@ -71,16 +69,9 @@ def run_tlmm_cases(cfg: EngineConfig, cases: list[TlmmCase], *,
     Raises ``trilut.sim.runner.SimulationFailed`` if any result beat differs from the model.
     """
     engine = TlmmEngine(cfg)
-    # Absolute: the simulator runs in its own working directory.
-    run_dir = Path(run_dir or tempfile.mkdtemp(prefix="trilut-tlmm-")).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cases_file, results_file = run_dir / "cases.json", run_dir / "results.json"
-    cases_file.write_text(json.dumps({"cases": [_case_spec(engine, c) for c in cases]}))
-    sim = run_cocotb(engine, name="tlmm_engine", test_module="trilut.sim.tb_tlmm",
-                     run_dir=run_dir,
-                     env={"TRILUT_TLMM_CASES": str(cases_file),
-                          "TRILUT_TLMM_RESULTS": str(results_file)})
-    report = json.loads(results_file.read_text())["cases"]
+    seen, sim = run_case(engine, name="tlmm_engine", test_module="trilut.sim.tb_tlmm",
+                         case={"cases": [_case_spec(engine, c) for c in cases]}, run_dir=run_dir)
+    report = seen["cases"]
     outcomes = []
     for case, seen in zip(cases, report, strict=True):
         m, k = case.acts.shape
