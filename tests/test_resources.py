@@ -6,7 +6,6 @@ then synthesise each design once), so every estimate here comes from a real run.
 """
 
 import json
-import os
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -112,17 +111,6 @@ class Bench(wiring.Component):
 
 MODULES = {"bench", "bench.multiplier0", "bench.multiplier1", "bench.registers",
            "bench.accumulator", "bench.store"}
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    base = tmp_path_factory.getbasetemp()
-    # xdist workers have a base each inside the session's one: share that session's cache.
-    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "trilut-cache"
-    root.mkdir(exist_ok=True)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRILUT_CACHE", str(root))
-        yield root
 
 
 @pytest.fixture

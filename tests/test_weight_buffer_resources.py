@@ -7,7 +7,6 @@ beat with 2048-deep banks in one memory; about 60 s in all. The cache is a fresh
 test session, so every count here comes from a real yosys run.
 """
 
-import os
 from dataclasses import replace
 
 import pytest
@@ -20,16 +19,6 @@ from trilut.hdl.weight_buffer import WeightBuffer
 WIDE = EngineConfig(group_size=2, tables_per_step=9, columns_per_cycle=4, accumulator_depth=4,
                     max_k=256)
 WORD_BITS = 128
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    base = tmp_path_factory.getbasetemp()
-    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "trilut-cache"
-    root.mkdir(exist_ok=True)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRILUT_CACHE", str(root))
-        yield root
-
 
 @pytest.fixture(scope="module")
 def buffer():
