@@ -33,7 +33,9 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
-import torch
+
+# torch is imported inside the four float-reference functions below, which take torch tensors:
+# everything else here (and so the config and the HDL) imports without it.
 
 __all__ = [
     "ACT_BITS", "ACT_MIN", "ACT_MAX", "QUANT_EPS",
@@ -55,7 +57,7 @@ QUANT_EPS = 1e-5
 # Quantization (float <-> integer), matching the public BitNet b1.58 code bit for bit.
 
 
-def ternary_quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def ternary_quantize(weight: "torch.Tensor") -> "tuple[torch.Tensor, torch.Tensor]":
     """Absmean ternary quantization of a whole tensor.
 
     Returns ``(values, scale)``: ``values`` is int8 in {-1, 0, +1} and ``weight ~= values *
@@ -63,38 +65,49 @@ def ternary_quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     the reciprocal, round half to even, clamp) is the public BitNet code's, so that the
     ternary values agree with it exactly.
     """
+    import torch
+
     w = weight.detach().float()
     inv_scale = 1.0 / w.abs().mean().clamp(min=QUANT_EPS)
     values = (w * inv_scale).round().clamp(-1, 1).to(torch.int8)
     return values, (1.0 / inv_scale)
 
 
-def int8_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def int8_quantize(x: "torch.Tensor") -> "tuple[torch.Tensor, torch.Tensor]":
     """Per-token absmax int8 quantization along the last dimension.
 
     Returns ``(values, scale)`` with ``values`` int8 and ``x ~= values / scale``, where
     ``scale = 127 / max|x|`` (shape ``[..., 1]``, same dtype as ``x``).
     """
+    import torch
+
     scale = ACT_MAX / x.abs().amax(dim=-1, keepdim=True).clamp(min=QUANT_EPS)
     values = (x * scale).round().clamp(ACT_MIN, ACT_MAX)
     return values.to(torch.int8), scale
 
 
-def fake_quant_weight(weight: torch.Tensor) -> torch.Tensor:
+def fake_quant_weight(weight: "torch.Tensor") -> "torch.Tensor":
     """Ternary-quantize then dequantize, in the weight's dtype (float reference level)."""
     values, scale = ternary_quantize(weight)
     return (values.float() * scale).to(weight.dtype)
 
 
-def fake_quant_activation(x: torch.Tensor) -> torch.Tensor:
+def fake_quant_activation(x: "torch.Tensor") -> "torch.Tensor":
     """int8-quantize then dequantize per token, in ``x``'s dtype (float reference level)."""
     values, scale = int8_quantize(x)
     return values.to(x.dtype) / scale
 
 
+def _as_numpy(values) -> np.ndarray:
+    """A numpy view of an array or of a (CPU or not) torch tensor, without importing torch."""
+    if hasattr(values, "detach"):
+        values = values.detach().cpu().numpy()
+    return np.asarray(values)
+
+
 def check_ternary(values, *, name: str = "weight") -> np.ndarray:
     """Return ``values`` as an int8 numpy array, or raise naming the first non-ternary entry."""
-    arr = np.asarray(values.detach().cpu() if isinstance(values, torch.Tensor) else values)
+    arr = _as_numpy(values)
     if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
         raise ValueError(f"{name} has non-finite values; ternary weights must be -1, 0 or +1")
     bad = (arr != -1) & (arr != 0) & (arr != 1)
@@ -108,7 +121,7 @@ def check_ternary(values, *, name: str = "weight") -> np.ndarray:
 
 def check_int8(values, *, name: str = "activation") -> np.ndarray:
     """Return ``values`` as an int64 numpy array, or raise naming the first out-of-range entry."""
-    arr = np.asarray(values.detach().cpu() if isinstance(values, torch.Tensor) else values)
+    arr = _as_numpy(values)
     if arr.dtype.kind == "f" and not np.array_equal(arr, np.round(arr)):
         raise ValueError(f"{name} must hold integers, not {arr.dtype} fractions")
     arr = arr.astype(np.int64)
