@@ -336,7 +336,7 @@ class AxiReadMaster(wiring.Component):
         """Cycles from the first command taken to the last word out, inclusive, for commands
         presented back to back with ``data`` never stalled, against a memory that answers
         ``latency`` cycles after each AR and then streams ``beats_per_window`` beats every
-        ``window`` cycles (``trilut.hdl.ddr_model.DdrModel``).
+        ``window`` cycles (``trilut.sim.ddr_model.DdrModel``).
 
         2 cycles from command to AR, ``latency`` to the first R beat, 2 through the buffer,
         then the beats at the memory's rate. Exact when :meth:`hides_latency` holds;

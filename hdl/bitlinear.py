@@ -17,13 +17,12 @@ from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
 from trilut.config import EngineConfig
-from trilut.hdl.ddr_model import VIOLATION_LAYOUT, DdrModel
 from trilut.hdl.lane_units import Dequantizer
 from trilut.hdl.linear_datapath import WeightFedTlmm
 from trilut.hdl.row_units import ActQuantizer, RmsNorm
 from trilut.models import numerics as nm
 
-__all__ = ["BitLinear", "BitLinearHarness"]
+__all__ = ["BitLinear"]
 
 
 class BitLinear(wiring.Component):
@@ -31,7 +30,7 @@ class BitLinear(wiring.Component):
 
     Streams: ``x`` (a row of K fp16 values, C per beat), ``norm_weight`` (the norm's K weights,
     one row per input row), ``y`` (the N fp16 outputs, C per beat); ``cmd`` / ``tiles`` (the
-    weight schedule, ``linear_datapath.weight_schedule``); ``axi`` to DDR.
+    weight schedule, ``trilut.host.schedule.weight_schedule``); ``axi`` to DDR.
     Shape and scalar inputs, held while a row is in flight: ``k`` (K), ``k_blocks``,
     ``n_groups``, ``tiles_per_row`` (output tiles, ``ActQuantizer.tiles_for(N)``) and
     ``weight_scale`` (the layer's fp32 weight scale code).
@@ -88,39 +87,5 @@ class BitLinear(wiring.Component):
 
     def model(self, x_codes, norm_weight_codes, values, weight_scale: float) -> np.ndarray:
         """Bit-exact: fp16 codes ``x[M, K]`` -> fp16 codes ``y[M, N]`` (level 2 numerics)."""
-        normed = nm.fp16_rmsnorm(x_codes, norm_weight_codes, self.norm.eps,
-                                 partials=self.norm.partials)
-        codes, absmax = nm.fp16_quantize_int8(normed)
-        acc = nm.ternary_matmul(codes, values)
-        scale = nm.fp16_dequant_scale(absmax, weight_scale)
-        return nm.fp16_dequantize(acc, np.asarray(scale).reshape(-1, 1))
-
-
-class BitLinearHarness(wiring.Component):
-    """Simulation top: ``BitLinear`` reading a ``DdrModel`` (backdoor ``load``)."""
-
-    def __init__(self, cfg: EngineConfig, *, max_k: int, ddr_words: int, word_bits: int = 128,
-                 tile_beats: int = 4096, latency: int = 20, beats_per_window: int = 1,
-                 window: int = 1, eps: float = 1e-5):
-        self.layer = BitLinear(cfg, max_k=max_k, word_bits=word_bits, tile_beats=tile_beats,
-                               eps=eps)
-        self.ddr = DdrModel(depth=ddr_words, data_width=word_bits, latency=latency,
-                            beats_per_window=beats_per_window, window=window)
-        ports = {name: member for name, member in self.layer.signature.members.items()
-                 if name != "axi"}
-        super().__init__({**ports, "load": In(self.ddr.load.signature.flip()),
-                          "violations": Out(VIOLATION_LAYOUT)})
-
-    def elaborate(self, platform):
-        m = Module()
-        m.submodules.layer = layer = self.layer
-        m.submodules.ddr = ddr = self.ddr
-        wiring.connect(m, layer.axi, ddr.axi)
-        wiring.connect(m, wiring.flipped(self.load), ddr.load)
-        for name in ("x", "norm_weight", "cmd", "tiles"):
-            wiring.connect(m, wiring.flipped(getattr(self, name)), getattr(layer, name))
-        wiring.connect(m, layer.y, wiring.flipped(self.y))
-        for name in ("k", "k_blocks", "n_groups", "tiles_per_row", "weight_scale"):
-            m.d.comb += getattr(layer, name).eq(getattr(self, name))
-        m.d.comb += [self.error.eq(layer.error), self.violations.eq(ddr.violations)]
-        return m
+        return nm.fp16_bitlinear(x_codes, norm_weight_codes, values, weight_scale,
+                                 eps=self.norm.eps, lanes=self.norm.lanes)

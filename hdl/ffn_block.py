@@ -40,13 +40,12 @@ from amaranth.lib import fifo, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from trilut.config import EngineConfig
-from trilut.hdl.ddr_model import VIOLATION_LAYOUT, DdrModel
 from trilut.hdl.lane_units import Dequantizer, GatedActivation, ResidualAdd, lane_layout
 from trilut.hdl.linear_datapath import WeightFedTlmm
 from trilut.hdl.row_units import ActQuantizer, RmsNorm
 from trilut.models import numerics as nm
 
-__all__ = ["FfnBlock", "FfnBlockHarness"]
+__all__ = ["FfnBlock"]
 
 GATE, UP, DOWN = 0, 1, 2
 
@@ -231,53 +230,6 @@ class FfnBlock(wiring.Component):
               gate_scale: float, up_scale: float, down_scale: float) -> np.ndarray:
         """Bit-exact (level 2): fp16 codes ``h[M, hidden]`` -> fp16 codes ``y[M, hidden]``,
         the RTL's rounding sequence."""
-        h = np.asarray(h, dtype=np.uint16)
-        partials = self.norm.partials
-
-        def linear(codes, absmax, values, scale):
-            acc = nm.ternary_matmul(codes, values)
-            s = nm.fp16_dequant_scale(absmax, scale)
-            return nm.fp16_dequantize(acc, np.asarray(s).reshape(-1, 1))
-
-        normed = nm.fp16_rmsnorm(h, norm_weight, self.eps, partials=partials)
-        codes, absmax = nm.fp16_quantize_int8(normed)
-        gate = linear(codes, absmax, gate_values, gate_scale)
-        up = linear(codes, absmax, up_values, up_scale)
-        act = nm.fp16_relu2(gate) if self.activation == "relu2" else nm.fp16_silu(gate)
-        mixed = nm.fp16_gate_mul(act, up)
-        sub = nm.fp16_rmsnorm(mixed, sub_norm_weight, self.eps,
-                              partials=self.sub_norm.partials)
-        codes2, absmax2 = nm.fp16_quantize_int8(sub)
-        down = linear(codes2, absmax2, down_values, down_scale)
-        return nm.fp16_residual_add(h, down)
-
-
-class FfnBlockHarness(wiring.Component):
-    """Simulation top: ``FfnBlock`` reading a ``DdrModel`` (backdoor ``load``)."""
-
-    def __init__(self, cfg: EngineConfig, *, hidden: int, ffn: int, activation: str = "relu2",
-                 ddr_words: int, word_bits: int = 128, tile_beats: int = 4096,
-                 latency: int = 20, beats_per_window: int = 1, window: int = 1,
-                 eps: float = 1e-5):
-        self.block = FfnBlock(cfg, hidden=hidden, ffn=ffn, activation=activation,
-                              word_bits=word_bits, tile_beats=tile_beats, eps=eps)
-        self.ddr = DdrModel(depth=ddr_words, data_width=word_bits, latency=latency,
-                            beats_per_window=beats_per_window, window=window)
-        ports = {name: member for name, member in self.block.signature.members.items()
-                 if name != "axi"}
-        super().__init__({**ports, "load": In(self.ddr.load.signature.flip()),
-                          "violations": Out(VIOLATION_LAYOUT)})
-
-    def elaborate(self, platform):
-        m = Module()
-        m.submodules.block = block = self.block
-        m.submodules.ddr = ddr = self.ddr
-        wiring.connect(m, block.axi, ddr.axi)
-        wiring.connect(m, wiring.flipped(self.load), ddr.load)
-        for name in ("h", "norm_weight", "sub_norm_weight", "cmd", "tiles"):
-            wiring.connect(m, wiring.flipped(getattr(self, name)), getattr(block, name))
-        wiring.connect(m, block.y, wiring.flipped(self.y))
-        for name in ("gate_scale", "up_scale", "down_scale"):
-            m.d.comb += getattr(block, name).eq(getattr(self, name))
-        m.d.comb += [self.error.eq(block.error), self.violations.eq(ddr.violations)]
-        return m
+        return nm.fp16_ffn(h, norm_weight, sub_norm_weight, gate_values, up_values, down_values,
+                           (gate_scale, up_scale, down_scale), activation=self.activation,
+                           eps=self.eps, lanes=self.cfg.columns_per_cycle)

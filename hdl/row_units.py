@@ -29,7 +29,7 @@ from trilut.models import fp16 as fp
 from trilut.models import numerics
 
 __all__ = ["Fp32AddNonNegative", "RmsScale", "RmsNorm", "ActQuantizer", "quant_reciprocal_table",
-           "lane_beats", "unpack_lane_beats", "TILES_WIDTH"]
+           "TILES_WIDTH"]
 
 _FP32 = fp.FP32
 _FP32_ARITH = fp.ElementwiseArithmetic(fp.FP32)
@@ -57,27 +57,6 @@ def _positive_int(name: str, value, *, at_most: int | None = None) -> None:
 
 def _lanes(lanes: int) -> data.ArrayLayout:
     return data.ArrayLayout(unsigned(16), lanes)
-
-
-def lane_beats(codes, lanes: int) -> list[int]:
-    """fp16 codes ``[rows, n]`` -> the lane stream: per row ``ceil(n/L)`` beats of ``L`` codes
-    (lane 0 lowest), the last beat zero-padded."""
-    _positive_int("lanes", lanes)
-    c = np.atleast_2d(np.asarray(codes, dtype=np.int64))
-    padded = numerics.pad_to_multiple(c, lanes)
-    return numerics.pack_rows(padded.reshape(-1, lanes), 16)
-
-
-def unpack_lane_beats(beats, rows: int, n: int, lanes: int) -> np.ndarray:
-    """Inverse of ``lane_beats``: beats -> ``np.uint16`` codes ``[rows, n]``."""
-    per_row = -(-n // lanes)
-    if len(beats) != rows * per_row:
-        raise ValueError(f"expected {rows * per_row} beats for {rows} rows of {n}, "
-                         f"got {len(beats)}")
-    out = np.array([numerics.unpack_fields(b, 16, lanes) for b in beats], dtype=np.uint16)
-    return out.reshape(rows, per_row * lanes)[:, :n]
-
-
 
 
 def _round_normalized(m: Module, value, precision: int, name: str):
@@ -428,7 +407,7 @@ class RmsNorm(wiring.Component):
         _positive_int("max_n", max_n, at_most=1 << 20)
         self.lanes = lanes
         self.max_n = max_n
-        self.partials = 2 * lanes
+        self.partials = numerics.rmsnorm_partials(lanes)
         self.words = -(-max_n // lanes)                 # buffer words per bank
         self.n_width = max_n.bit_length()
         self.scale = RmsScale(partials=self.partials, n_width=self.n_width, eps=eps)

@@ -5,7 +5,8 @@ The three numerics levels of DESIGN.md section 3 meet here for one layer:
 1. float reference: the golden model's own linear output for the prompt;
 2. hardware numerics: int8 per-token activations x ternary weights, exact integer sums,
    dequantized by ``weight scale / activation scale``;
-3. RTL: the TLMM engine on Verilator, whose integer sums must equal level 2 bit for bit.
+3. RTL: the TLMM engine, run by whatever ``Transport`` the caller hands in (cycle-accurate
+   Verilator simulation from the CLI), whose integer sums must equal level 2 bit for bit.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import numpy as np
 import torch
 
 from trilut.config import EngineConfig
+from trilut.host.layer_runs import TlmmCase, run_job, tlmm_job
 from trilut.models import numerics as nm
 from trilut.models.bitnet import BitNetModel
-from trilut.sim.tlmm_run import TlmmCase, TlmmOutcome, run_tlmm_cases
+from trilut.transport import PhaseResult, Transport
 
 __all__ = ["LinearComparison", "run_linear_layer"]
 
@@ -27,7 +29,8 @@ __all__ = ["LinearComparison", "run_linear_layer"]
 class LinearComparison:
     layer: str
     shape: tuple[int, int, int]          # M (tokens) x K x N
-    outcome: TlmmOutcome
+    run: PhaseResult                     # what the transport measured (cycles, beats)
+    ideal_cycles: int                    # one weight beat per cycle
     rtl_vs_numerics_max_abs: int         # integer sums: must be 0
     float_max_abs_error: float           # dequantized RTL output vs the golden model's float
     float_cosine: float
@@ -38,10 +41,10 @@ class LinearComparison:
         return self.rtl_vs_numerics_max_abs == 0
 
 
-def run_linear_layer(model: BitNetModel, layer: str, input_ids, engine: EngineConfig, *,
-                     stall: float = 0.0, run_dir=None) -> LinearComparison:
+def run_linear_layer(model: BitNetModel, layer: str, input_ids, engine: EngineConfig,
+                     transport: Transport, *, stall: float = 0.0) -> LinearComparison:
     """Feed the prompt through the golden model, capture what ``layer`` receives, and run
-    that linear on the engine (cycle-accurate Verilator simulation)."""
+    that linear on the engine through ``transport``."""
     linears = model.linear_weights()
     if layer not in linears:
         raise ValueError(f"model has no ternary linear {layer!r}; it has: "
@@ -55,17 +58,18 @@ def run_linear_layer(model: BitNetModel, layer: str, input_ids, engine: EngineCo
 
     case = TlmmCase(layer, acts.numpy().astype(np.int64), values.numpy().astype(np.int64),
                     stall=stall, seed=1)
-    (outcome,), _sim = run_tlmm_cases(engine, [case], run_dir=run_dir)
+    (results,), (run,) = run_job(transport, tlmm_job(engine, [case]))
 
     exact = nm.ternary_matmul(case.acts, case.weights)
-    rtl_error = int(np.abs(outcome.results - exact).max())
+    rtl_error = int(np.abs(results - exact).max())
     # Level 2's dequantization: integer sum x weight scale / activation scale.
-    dequant = torch.from_numpy(outcome.results).double() * scale / act_scale.double()
+    dequant = torch.from_numpy(results).double() * scale / act_scale.double()
     with torch.no_grad():
         reference = model.linear(layer)(x).double()
     diff = (dequant - reference).abs()
     cosine = torch.nn.functional.cosine_similarity(dequant.flatten(), reference.flatten(), dim=0)
     return LinearComparison(
-        layer=layer, shape=(acts.shape[0], k, n), outcome=outcome,
+        layer=layer, shape=(acts.shape[0], k, n), run=run,
+        ideal_cycles=engine.ideal_cycles(acts.shape[0], k, n),
         rtl_vs_numerics_max_abs=rtl_error, float_max_abs_error=float(diff.max()),
         float_cosine=float(cosine), float_reference_max_abs=float(reference.abs().max()))

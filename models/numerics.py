@@ -44,6 +44,7 @@ __all__ = [
     "TableCode", "group_values", "build_tables", "lookup",
     "ternary_matmul", "table_entry_width", "accumulator_width", "signed_width",
     "pad_to_multiple", "pack_fields", "unpack_fields", "pack_words",
+    "lane_beats", "unpack_lane_beats",
 ]
 
 ACT_BITS = 8
@@ -425,8 +426,80 @@ def tlmm_unpack_results(beats: list[int], m: int, n: int, columns: int,
 # The element-wise datapath's number format (fp16 with RNE, flush-to-zero and saturation;
 # docs/elementwise.md) lives in ``trilut.models.fp16`` and is part of this module's surface.
 
+# --------------------------------------------------------------------------------------------
+# fp16 lane streams: the element-wise units' beats (C fp16 codes per beat).
+
+
+def lane_beats(codes, lanes: int) -> list[int]:
+    """fp16 codes ``[rows, n]`` -> the lane stream: per row ``ceil(n/L)`` beats of ``L`` codes
+    (lane 0 lowest), the last beat zero-padded."""
+    if isinstance(lanes, bool) or not isinstance(lanes, int) or lanes < 1:
+        raise ValueError(f"lanes must be a positive integer, not {lanes!r}")
+    c = np.atleast_2d(np.asarray(codes, dtype=np.int64))
+    padded = pad_to_multiple(c, lanes)
+    return pack_rows(padded.reshape(-1, lanes), 16)
+
+
+def unpack_lane_beats(beats, rows: int, n: int, lanes: int) -> np.ndarray:
+    """Inverse of ``lane_beats``: beats -> ``np.uint16`` codes ``[rows, n]``."""
+    per_row = -(-n // lanes)
+    if len(beats) != rows * per_row:
+        raise ValueError(f"expected {rows * per_row} beats for {rows} rows of {n}, "
+                         f"got {len(beats)}")
+    out = np.array([unpack_fields(b, 16, lanes) for b in beats], dtype=np.uint16)
+    return out.reshape(rows, per_row * lanes)[:, :n]
+
+
 from trilut.models.fp16 import *  # noqa: E402,F401,F403  (re-exported: one numerics namespace)
 from trilut.models.fp16 import __all__ as _fp16_all  # noqa: E402
 
 __all__ += ["tlmm_matmul", "pack_rows", "tlmm_weight_beats", "tlmm_act_beats",
             "tlmm_result_beats", "tlmm_unpack_results", *_fp16_all]
+
+
+# --------------------------------------------------------------------------------------------
+# The level-2 chains (DESIGN.md section 3): the blocks' bit-exact models and the host's
+# references are these functions, written once.
+
+
+def rmsnorm_partials(lanes: int) -> int:
+    """The sum-of-squares order of the hardware's RMSNorm: two fp32 partial sums per lane
+    (``hdl.row_units.RmsNorm``), added by a pairwise tree."""
+    return 2 * lanes
+
+
+def fp16_linear(x, values, weight_scale: float) -> np.ndarray:
+    """fp16 codes ``x[M, K]`` -> int8 per-row quantization -> exact ternary sums with
+    ``values[N, K]`` -> dequantization by ``weight_scale`` -> fp16 codes ``[M, N]``."""
+    codes, absmax = fp16_quantize_int8(x)
+    acc = ternary_matmul(codes, values)
+    scale = fp16_dequant_scale(absmax, weight_scale)
+    return fp16_dequantize(acc, np.asarray(scale).reshape(-1, 1))
+
+
+def fp16_bitlinear(x, norm_weight, values, weight_scale: float, *, eps: float,
+                   lanes: int) -> np.ndarray:
+    """RMSNorm (the hardware's order for ``lanes``) -> :func:`fp16_linear`."""
+    normed = fp16_rmsnorm(x, norm_weight, eps, partials=rmsnorm_partials(lanes))
+    return fp16_linear(normed, values, weight_scale)
+
+
+def fp16_ffn(h, norm_weight, sub_norm_weight, gate_values, up_values, down_values,
+             scales: tuple[float, float, float], *, activation: str, eps: float,
+             lanes: int) -> np.ndarray:
+    """``h + down(sub_norm(act(gate(norm(h))) * up(norm(h))))`` on fp16 codes, the gate and
+    up projections sharing one quantization of ``norm(h)``, as ``hdl.ffn_block`` does."""
+    if activation not in ("relu2", "silu"):
+        raise ValueError(f"activation must be 'relu2' or 'silu', not {activation!r}")
+    h = np.asarray(h, dtype=np.uint16)
+    gate_scale, up_scale, down_scale = scales
+    normed = fp16_rmsnorm(h, norm_weight, eps, partials=rmsnorm_partials(lanes))
+    gate = fp16_linear(normed, gate_values, gate_scale)
+    up = fp16_linear(normed, up_values, up_scale)
+    act = fp16_relu2(gate) if activation == "relu2" else fp16_silu(gate)
+    mixed = fp16_gate_mul(act, up)
+    down = fp16_bitlinear(mixed, sub_norm_weight, down_values, down_scale, eps=eps, lanes=lanes)
+    return fp16_residual_add(h, down)
+
+
+__all__ += ["rmsnorm_partials", "fp16_linear", "fp16_bitlinear", "fp16_ffn"]

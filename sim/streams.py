@@ -404,6 +404,11 @@ class StreamSink(_StreamDriver):
     def _count(self) -> int:
         return len(self.received)
 
+    @property
+    def stallable(self) -> bool:
+        """True when the stream has a ``ready`` port, so the sink can apply backpressure."""
+        return self._ready is not None
+
     def set_pause(self, pause: "Iterable[bool] | None") -> None:
         if self._ready is None and pause is not None:
             raise ValueError(f"{self.prefix}: stream has no ready port, so it cannot be paused")

@@ -24,8 +24,10 @@ import pytest
 from amaranth.sim import Simulator
 
 from trilut.hdl.axi import AxiReadMaster, PAGE_BYTES, split_bursts
-from trilut.hdl.ddr_model import DdrModel, DdrReadHarness
+from trilut.sim.ddr_model import DdrModel, DdrReadHarness
 from trilut.sim.runner import run_cocotb
+
+pytestmark = pytest.mark.rtl
 
 # Words: 16 KiB of 128-bit words, 4 pages of 4 KiB. Longer reads wrap around (the DDR model
 # aliases addresses modulo its depth; ``Aliased`` below is the same rule). Amaranth writes a

@@ -11,18 +11,22 @@ import numpy as np
 import pytest
 import torch
 
-from trilut.config import EngineConfig
+from trilut.config import DdrSimConfig, EngineConfig
+from trilut.hdl.bitlinear import BitLinear
+from trilut.host.layer_runs import bitlinear_job, run_job
 from trilut.host.weight_image import compile_weight_image
 from trilut.models import numerics as nm
 from trilut.models.checkpoint import build_tiny_checkpoint, load_checkpoint
-from trilut.sim.bitlinear_run import run_bitlinear
-from trilut.sim.linear_datapath_run import DdrSetting
+from trilut.sim.transport import SimulationTransport
+
+pytestmark = pytest.mark.rtl
+EPS = 1e-5
 
 ENGINE = EngineConfig(group_size=3, tables_per_step=4, columns_per_cycle=4, accumulator_depth=16,
                       max_k=1024)
 SETTINGS = {
-    "ddr-full-rate": DdrSetting(latency=20, beats_per_window=1, window=1),
-    "ddr-half-rate": DdrSetting(latency=40, beats_per_window=1, window=2),
+    "ddr-full-rate": DdrSimConfig(latency=20, beats_per_window=1, window=1),
+    "ddr-half-rate": DdrSimConfig(latency=40, beats_per_window=1, window=2),
 }
 # (layer, the norm in front of it)
 LAYERS = [("layers.0.self_attn.q_proj", "layers.0.input_layernorm"),      # 256 -> 256
@@ -44,16 +48,21 @@ def tiny(tmp_path_factory):
 def test_bitlinear_bit_exact_under_stalls(tiny, setting, layer, norm, tmp_path):
     model, image, h = tiny
     x = nm.fp16_from_float(h[:2].double().numpy())
-    out = run_bitlinear(image, layer, norm, x, ddr=SETTINGS[setting], stall=0.3, seed=5,
-                        run_dir=tmp_path)
-    np.testing.assert_array_equal(out.y, out.expected)
+    job = bitlinear_job(image, layer, norm, x, ddr=SETTINGS[setting], tile_beats=512, eps=EPS,
+                        stall=0.3, seed=5)
+    (y,), _ = run_job(SimulationTransport(tmp_path), job)
+    n, k = image.layer_values(layer).shape
+    hw = BitLinear(ENGINE, max_k=k, word_bits=64, tile_beats=512, eps=EPS)
+    norm_w = np.asarray(image.norm(norm)).astype(np.float16).view(np.uint16)
+    np.testing.assert_array_equal(y, hw.model(x, norm_w, image.layer_values(layer),
+                                              float(image.scale(layer))))
+    np.testing.assert_array_equal(y, job.expected[0])
 
 
 def test_bitlinear_numerics_against_the_float_golden_model(tiny):
     """Level 2 (what the RTL computes, bit for bit) against level 1 (float32 golden model)."""
     model, image, h = tiny
     for layer, norm in LAYERS:
-        from trilut.hdl.bitlinear import BitLinear
         hw = BitLinear(ENGINE, max_k=256, word_bits=64, tile_beats=512)
         x = nm.fp16_from_float(h.double().numpy())
         norm_w = np.asarray(image.norm(norm)).astype(np.float16).view(np.uint16)

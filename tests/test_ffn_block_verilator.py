@@ -13,20 +13,47 @@ import numpy as np
 import pytest
 import torch
 
-from trilut.config import EngineConfig
+from trilut.config import DdrSimConfig, EngineConfig
 from trilut.hdl.ffn_block import FfnBlock
+from trilut.host.layer_runs import ffn_job, ffn_layers, ffn_level2, run_job
 from trilut.host.weight_image import compile_weight_image
 from trilut.models import numerics as nm
 from trilut.models.bitnet import BitNetConfig
 from trilut.models.checkpoint import build_tiny_checkpoint, load_checkpoint
-from trilut.sim.ffn_block_run import ffn_float_reference, ffn_level2, run_ffn_block
-from trilut.sim.linear_datapath_run import DdrSetting
+from trilut.sim.transport import SimulationTransport
+
+pytestmark = pytest.mark.rtl
+EPS = 1e-5
+
+
+def run_ffn(image, x, *, activation="relu2", ddr, stall, seed=1, run_dir):
+    job = ffn_job(image, x, activation=activation, tile_beats=512, ddr=ddr, eps=EPS,
+                  stall=stall, seed=seed)
+    (y,), (phase,) = run_job(SimulationTransport(run_dir), job)
+    return job, y, phase
+
+
+def ffn_float_reference(model, h_float: torch.Tensor, layer: int = 0) -> torch.Tensor:
+    """Level 1: ``h + mlp(post_attention_layernorm(h))`` in float32."""
+    dec = model.layers[layer]
+    with torch.no_grad():
+        return h_float + dec.mlp(dec.post_attention_layernorm(h_float))
+
+
+def block_model(block, image, h):
+    """``FfnBlock.model`` with the image's tensors."""
+    names = ffn_layers(0)
+    codes = {k: np.asarray(image.norm(names[k])).astype(np.float16).view(np.uint16)
+             for k in ("norm", "sub_norm")}
+    return block.model(h, codes["norm"], codes["sub_norm"],
+                       *(image.layer_values(names[k]) for k in ("gate", "up", "down")),
+                       *(float(image.scale(names[k])) for k in ("gate", "up", "down")))
 
 ENGINE = EngineConfig(group_size=3, tables_per_step=4, columns_per_cycle=4, accumulator_depth=16,
                       max_k=1024)
 SETTINGS = {
-    "ddr-full-rate": DdrSetting(latency=20, beats_per_window=1, window=1),
-    "ddr-half-rate": DdrSetting(latency=40, beats_per_window=1, window=2),
+    "ddr-full-rate": DdrSimConfig(latency=20, beats_per_window=1, window=1),
+    "ddr-half-rate": DdrSimConfig(latency=40, beats_per_window=1, window=2),
 }
 
 
@@ -53,28 +80,34 @@ def tiny_silu(tmp_path_factory):
 def test_ffn_block_bit_exact_under_stalls(tiny, setting, tmp_path):
     model, image, h = tiny
     x = nm.fp16_from_float(h[:2].double().numpy())
-    out = run_ffn_block(image, x, ddr=SETTINGS[setting], stall=0.3, seed=7, run_dir=tmp_path)
-    np.testing.assert_array_equal(out.y, out.expected)
+    job, y, _ = run_ffn(image, x, ddr=SETTINGS[setting], stall=0.3, seed=7, run_dir=tmp_path)
+    block = FfnBlock(ENGINE, hidden=256, ffn=640, word_bits=64, tile_beats=512, eps=EPS)
+    np.testing.assert_array_equal(y, block_model(block, image, x))
+    np.testing.assert_array_equal(y, job.expected[0])
 
 
 def test_ffn_block_silu_bit_exact_under_stalls(tiny_silu, tmp_path):
     model, image, h = tiny_silu
     x = nm.fp16_from_float(h[:1].double().numpy())
-    out = run_ffn_block(image, x, activation="silu", ddr=SETTINGS["ddr-full-rate"], stall=0.3,
+    job, y, _ = run_ffn(image, x, activation="silu", ddr=SETTINGS["ddr-full-rate"], stall=0.3,
                         seed=11, run_dir=tmp_path)
-    np.testing.assert_array_equal(out.y, out.expected)
+    block = FfnBlock(ENGINE, hidden=256, ffn=640, activation="silu", word_bits=64,
+                     tile_beats=512, eps=EPS)
+    np.testing.assert_array_equal(y, block_model(block, image, x))
 
 
 @pytest.mark.parametrize("setting", SETTINGS)
 def test_ffn_block_cycles_against_the_weight_feed_bound(tiny, setting, tmp_path):
     model, image, h = tiny
     x = nm.fp16_from_float(h[:1].double().numpy())
-    out = run_ffn_block(image, x, ddr=SETTINGS[setting], stall=0.0, run_dir=tmp_path)
-    np.testing.assert_array_equal(out.y, out.expected)
-    ratio = out.cycles / out.weight_feed_cycles
-    print(f"FFN block, {setting}: {out.cycles} cycles, weight-feed bound "
-          f"{out.weight_feed_cycles:.0f} ({out.weight_words} words), cycles / bound {ratio:.3f}")
-    assert out.cycles >= out.weight_feed_cycles
+    ddr = SETTINGS[setting]
+    job, y, phase = run_ffn(image, x, ddr=ddr, stall=0.0, run_dir=tmp_path)
+    np.testing.assert_array_equal(y, job.expected[0])
+    feed = job.weight_words / ddr.words_per_cycle
+    ratio = phase.cycles / feed
+    print(f"FFN block, {setting}: {phase.cycles} cycles, weight-feed bound "
+          f"{feed:.0f} ({job.weight_words} words), cycles / bound {ratio:.3f}")
+    assert phase.cycles >= feed
     assert ratio < 1.5
 
 
@@ -85,7 +118,10 @@ def test_ffn_block_numerics_against_the_float_golden_model(fixture, request):
     block = FfnBlock(ENGINE, hidden=256, ffn=640, activation=model.config.hidden_act,
                      word_bits=64, tile_beats=512)
     x = nm.fp16_from_float(h.double().numpy())
-    level2 = nm.fp16_to_float(ffn_level2(block, image, x))
+    codes = block_model(block, image, x)
+    np.testing.assert_array_equal(
+        codes, ffn_level2(image, x, activation=model.config.hidden_act, eps=EPS))
+    level2 = nm.fp16_to_float(codes)
     level1 = ffn_float_reference(model, torch.from_numpy(nm.fp16_to_float(x)).float())
     level1 = level1.double().numpy()
     cos = float(np.sum(level1 * level2) / np.linalg.norm(level1) / np.linalg.norm(level2))

@@ -31,6 +31,8 @@ from trilut.hdl.tlmm_engine import TlmmEngine
 from trilut.models import fp16 as fp
 from trilut.sim.runner import run_cocotb
 
+pytestmark = pytest.mark.rtl
+
 LANES = 4
 #: The kv260 engine's accumulators (22 bits at max_k = 8640) with 4 columns a beat.
 ENGINE = EngineConfig(columns_per_cycle=LANES)

@@ -11,19 +11,23 @@ import numpy as np
 import pytest
 import torch
 
-from trilut.config import EngineConfig
+from trilut.config import DdrSimConfig, EngineConfig
+from trilut.hdl.tlmm_engine import TlmmEngine
+from trilut.host.layer_runs import layer_from_ddr_job, run_job
 from trilut.host.weight_image import compile_weight_image
 from trilut.models import numerics as nm
 from trilut.models.checkpoint import build_tiny_checkpoint, load_checkpoint
-from trilut.sim.linear_datapath_run import DdrSetting, run_layer_from_ddr
+from trilut.sim.transport import SimulationTransport
+
+pytestmark = pytest.mark.rtl
 
 ENGINE = EngineConfig(group_size=3, tables_per_step=4, columns_per_cycle=4, accumulator_depth=16,
                       max_k=1024)
 SETTINGS = {
     # Full rate (one 64-bit word per cycle), short latency; a tile holds a whole q_proj row.
-    "ddr-full-rate": (DdrSetting(latency=20, beats_per_window=1, window=1), 2048),
+    "ddr-full-rate": (DdrSimConfig(latency=20, beats_per_window=1, window=1), 2048),
     # Half rate, long latency; 512-beat tiles, so rows stream in several tiles.
-    "ddr-half-rate": (DdrSetting(latency=40, beats_per_window=1, window=2), 512),
+    "ddr-half-rate": (DdrSimConfig(latency=40, beats_per_window=1, window=2), 512),
 }
 
 
@@ -47,11 +51,12 @@ def test_layer_from_ddr_bit_exact_under_stalls(model_and_image, setting, layer, 
     model, image = model_and_image
     ddr, tile_beats = SETTINGS[setting]
     acts = layer_acts(model, layer, rows=3)
-    out = run_layer_from_ddr(image, layer, acts, ddr=ddr, tile_beats=tile_beats, stall=0.3,
-                             seed=7, run_dir=tmp_path)
-    np.testing.assert_array_equal(out.results, out.expected)
+    job = layer_from_ddr_job(image, layer, acts, ddr=ddr, tile_beats=tile_beats, stall=0.3,
+                             seed=7)
+    (got,), _ = run_job(SimulationTransport(tmp_path), job)
     values, _scale = model.linear_weights()[layer]
-    np.testing.assert_array_equal(out.results, nm.ternary_matmul(acts, values.numpy()))
+    np.testing.assert_array_equal(got, nm.ternary_matmul(acts, values.numpy()))
+    np.testing.assert_array_equal(got, job.expected[0])
 
 
 @pytest.mark.parametrize("setting", SETTINGS)
@@ -60,10 +65,13 @@ def test_layer_from_ddr_cycles_against_the_bounds(model_and_image, setting, tmp_
     model, image = model_and_image
     ddr, tile_beats = SETTINGS[setting]
     layer = "layers.0.self_attn.q_proj"
-    out = run_layer_from_ddr(image, layer, layer_acts(model, layer, rows=1), ddr=ddr,
-                             tile_beats=tile_beats, run_dir=tmp_path)
-    assert out.exact
-    bound = max(out.engine_cycles, out.weight_feed_cycles)
-    assert out.cycles >= bound
+    acts = layer_acts(model, layer, rows=1)
+    job = layer_from_ddr_job(image, layer, acts, ddr=ddr, tile_beats=tile_beats)
+    (got,), (phase,) = run_job(SimulationTransport(tmp_path), job)
+    np.testing.assert_array_equal(got, job.expected[0])
+    n, k = image.layer_values(layer).shape
+    engine_cycles = TlmmEngine(image.engine).expected_cycles(1, k, n)
+    bound = max(engine_cycles, job.weight_words / ddr.words_per_cycle)
+    assert phase.cycles >= bound
     # Decode (one row): the weights cross DDR once; overheads are latency and tile turnarounds.
-    assert out.cycles <= 1.15 * bound + 200, (out.cycles, bound)
+    assert phase.cycles <= 1.15 * bound + 200, (phase.cycles, bound)

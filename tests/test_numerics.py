@@ -6,6 +6,8 @@ import torch
 
 from trilut.models import numerics as nm
 
+pytestmark = pytest.mark.fast
+
 
 def test_ternary_quantize_matches_absmean_definition():
     torch.manual_seed(0)

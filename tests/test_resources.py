@@ -19,6 +19,8 @@ from trilut.hdl.resources import (RESOURCES, SynthesisError, SynthesisTimeout, c
                                   merge_identical_modules, strip_zero_memory_inits, synthesize,
                                   to_verilog)
 
+pytestmark = pytest.mark.synth
+
 WORDS, WORD_BITS = 4096, 72   # one URAM288, or 8 RAMB36E2 (4096 x 9 each)
 BANK_BITS = 40
 

@@ -17,10 +17,13 @@ import numpy as np
 import pytest
 
 from trilut.config import EngineConfig
-from trilut.hdl.row_units import ActQuantizer, RmsNorm, lane_beats, unpack_lane_beats
+from trilut.hdl.row_units import ActQuantizer, RmsNorm
+from trilut.models.numerics import lane_beats, unpack_lane_beats
 from trilut.models import fp16 as fp
 from trilut.sim.runner import run_cocotb
 from trilut.sim.tb_row_units import activation_rows, edge_rows
+
+pytestmark = pytest.mark.rtl
 
 MAX_N = 64
 

@@ -15,6 +15,8 @@ from trilut.sim import toolchain
 from trilut.sim.runner import SimulationFailed, run_cocotb
 from trilut.sim.tb_stream_fifo import ImpatientSource, StreamFifoStage
 
+pytestmark = pytest.mark.rtl
+
 TB = "trilut.sim.tb_stream_fifo"
 
 

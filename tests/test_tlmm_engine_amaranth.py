@@ -14,6 +14,8 @@ from trilut.config import EngineConfig
 from trilut.hdl.tlmm_engine import ColumnLookup, TableBuilder, TlmmEngine
 from trilut.models import numerics as nm
 
+pytestmark = pytest.mark.fast
+
 
 def run_engine(cfg, x, w, *, seed, p_valid=0.7, p_ready=0.7, max_cycles=20000):
     dut = TlmmEngine(cfg)

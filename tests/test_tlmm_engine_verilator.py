@@ -10,8 +10,22 @@ import numpy as np
 import pytest
 
 from trilut.config import EngineConfig
+from trilut.hdl.tlmm_engine import TlmmEngine
+from trilut.host.layer_runs import TlmmCase, run_job, tlmm_job, with_expected_cycles
 from trilut.models import numerics as nm
-from trilut.sim.tlmm_run import TlmmCase, run_tlmm_cases
+from trilut.sim.transport import SimulationTransport
+
+pytestmark = pytest.mark.rtl
+
+
+def run_tlmm_cases(cfg, cases, run_dir):
+    """Every case a phase of one run; stall-free phases assert the engine's exact cycles."""
+    engine = TlmmEngine(cfg)
+    cycles = [None if c.stall else engine.expected_cycles(*c.acts.shape, c.weights.shape[0])
+              for c in cases]
+    job = with_expected_cycles(tlmm_job(cfg, cases), cycles)
+    results, phases = run_job(SimulationTransport(run_dir), job)
+    return engine, job, results, phases, cycles
 
 CONFIGS = {
     # G=3 sign-mirror tables (TeLLMe's code), two output tiles for N > C*D.
@@ -59,19 +73,19 @@ def _cases(cfg: EngineConfig) -> list[TlmmCase]:
 @pytest.mark.parametrize("name", CONFIGS)
 def test_tlmm_engine_bit_exact_on_verilator(name, tmp_path):
     cfg = CONFIGS[name]
-    outcomes, sim = run_tlmm_cases(cfg, _cases(cfg), run_dir=tmp_path)
-    assert sim.failed == 0 and sim.passed == 1
-    for o in outcomes:
-        exact = nm.ternary_matmul(o.case.acts, o.case.weights)
-        np.testing.assert_array_equal(o.expected, exact, err_msg=f"model vs exact: {o.case.name}")
-        np.testing.assert_array_equal(o.results, exact, err_msg=f"RTL vs exact: {o.case.name}")
-        if o.case.stall == 0.0:
+    cases = _cases(cfg)
+    engine, job, results, phases, cycles = run_tlmm_cases(cfg, cases, tmp_path)
+    for case, got, phase, expected_cycles in zip(cases, results, phases, cycles, strict=True):
+        exact = nm.ternary_matmul(case.acts, case.weights)
+        np.testing.assert_array_equal(engine.model(case.acts, case.weights), exact,
+                                      err_msg=f"model vs exact: {case.name}")
+        np.testing.assert_array_equal(got, exact, err_msg=f"RTL vs exact: {case.name}")
+        if expected_cycles is not None:
             # The performance model is cycle-exact without stalls.
-            assert o.cycles == o.expected_cycles, o.case.name
-        else:
-            assert o.cycles >= o.expected_cycles, o.case.name
-    extremes = next(o for o in outcomes if o.case.name == "extremes-max-k")
-    assert extremes.results[0, 0] == 128 * cfg.max_k   # -128 x -1 over max_k: no wrap-around
+            assert phase.cycles == expected_cycles, case.name
+    assert sum(c is not None for c in cycles) >= 3
+    extremes = results[[c.name for c in cases].index("extremes-max-k")]
+    assert extremes[0, 0] == 128 * cfg.max_k   # -128 x -1 over max_k: no wrap-around
 
 
 def test_steady_state_efficiency_large_k_n(tmp_path):
@@ -80,7 +94,7 @@ def test_steady_state_efficiency_large_k_n(tmp_path):
     cfg = EngineConfig(**{**cfg.key(), "accumulator_depth": 64, "max_k": 1536})
     rng = np.random.default_rng(1)
     case = TlmmCase("large", rng.integers(-128, 128, (1, 1536)), rng.integers(-1, 2, (512, 1536)))
-    (outcome,), _ = run_tlmm_cases(cfg, [case], run_dir=tmp_path)
-    assert outcome.exact
-    assert outcome.cycles == outcome.expected_cycles
-    assert outcome.ideal_cycles / outcome.cycles >= 0.9
+    engine, job, (got,), (phase,), (expected_cycles,) = run_tlmm_cases(cfg, [case], tmp_path)
+    np.testing.assert_array_equal(got, nm.ternary_matmul(case.acts, case.weights))
+    assert phase.cycles == expected_cycles
+    assert cfg.ideal_cycles(1, 1536, 512) / phase.cycles >= 0.9

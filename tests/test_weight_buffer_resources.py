@@ -15,6 +15,8 @@ from trilut.config import EngineConfig, load_board
 from trilut.hdl.resources import estimate, synthesize, to_verilog
 from trilut.hdl.weight_buffer import WeightBuffer
 
+pytestmark = pytest.mark.synth
+
 # G=2 (4-bit indices) x 9 tables x 4 columns = a 144-bit beat: two URAM288 side by side.
 WIDE = EngineConfig(group_size=2, tables_per_step=9, columns_per_cycle=4, accumulator_depth=4,
                     max_k=256)

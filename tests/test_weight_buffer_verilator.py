@@ -24,6 +24,8 @@ from trilut.hdl.tlmm_engine import TlmmEngine
 from trilut.hdl.weight_buffer import WeightBuffer
 from trilut.sim.runner import run_cocotb
 
+pytestmark = pytest.mark.rtl
+
 SMALL = EngineConfig(group_size=3, tables_per_step=2, columns_per_cycle=2, accumulator_depth=4,
                      max_k=256)                          # 2 x 2 x 5 = 20-bit beats
 G4 = EngineConfig(group_size=4, tables_per_step=2, columns_per_cycle=4, accumulator_depth=8,

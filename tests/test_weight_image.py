@@ -20,6 +20,8 @@ from trilut.models import numerics
 from trilut.models.bitnet import LINEAR_NAMES, BitNetConfig
 from trilut.models.checkpoint import build_tiny_checkpoint, load_checkpoint
 
+pytestmark = pytest.mark.fast
+
 ENGINES = {
     "kv260": design_for_board("kv260").engine,
     "small": EngineConfig(group_size=3, tables_per_step=2, columns_per_cycle=2,

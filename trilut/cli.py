@@ -82,6 +82,7 @@ def cmd_demo(args) -> int:
     from trilut.generate import generate
     from trilut.host.linear_layer import run_linear_layer
     from trilut.models.checkpoint import build_tiny_checkpoint, load_checkpoint
+    from trilut.sim.transport import SimulationTransport
 
     console = _console()
     work = Path(args.work).resolve()
@@ -106,10 +107,10 @@ def cmd_demo(args) -> int:
     ids = torch.tensor(_tokens(args.prompt, model.config.vocab_size))
     with console.status(f"{args.layer} on Verilator (the first build of this engine takes "
                         "a few minutes; later runs reuse it)"):
-        result = run_linear_layer(model, args.layer, ids, e, run_dir=work / "sim")
+        result = run_linear_layer(model, args.layer, ids, e, SimulationTransport(work / "sim"))
     console.print(f"[3/3] {args.layer} ran on the TLMM engine (cycle-accurate Verilator)")
 
-    o = result.outcome
+    cycles, ideal = result.run.cycles, result.ideal_cycles
     m, k, n = result.shape
     table = Table(title=f"{args.layer}: {m} tokens x K={k} x N={n} on {design.board.name}")
     table.add_column("check")
@@ -119,11 +120,11 @@ def cmd_demo(args) -> int:
     table.add_row("dequantized RTL vs float golden model (max |diff|)",
                   f"{result.float_max_abs_error:.3g}  (output max |y| {result.float_reference_max_abs:.3g})")
     table.add_row("cosine similarity vs float golden model", f"{result.float_cosine:.9f}")
-    table.add_row("cycles measured", f"{o.cycles}")
-    table.add_row("cycles ideal (1 weight beat / cycle)", f"{o.ideal_cycles}")
-    table.add_row("efficiency ideal / measured", f"{o.ideal_cycles / o.cycles:.3f}")
+    table.add_row("cycles measured", f"{cycles}")
+    table.add_row("cycles ideal (1 weight beat / cycle)", f"{ideal}")
+    table.add_row("efficiency ideal / measured", f"{ideal / cycles:.3f}")
     table.add_row(f"time at {design.board.clock_mhz:g} MHz",
-                  f"{o.cycles / design.board.clock_mhz:.2f} us")
+                  f"{cycles / design.board.clock_mhz:.2f} us")
     console.print(table)
     console.print(f"done in {time.perf_counter() - t0:.1f} s")
     return 0 if result.bit_exact else 1

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields, replace
 
 from trilut.models import numerics
 
-__all__ = ["BoardResources", "BoardConfig", "EngineConfig", "DesignConfig", "load_board",
+__all__ = ["BoardResources", "BoardConfig", "EngineConfig", "DesignConfig", "DdrSimConfig", "load_board",
            "design_for_board", "URAM_WIDTH", "URAM_DEPTH"]
 
 #: URAM288 geometry (UltraScale+): 4096 words of 72 bits.
@@ -151,6 +151,30 @@ class EngineConfig:
 
     def key(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True)
+class DdrSimConfig:
+    """The simulated DDR model (``trilut.sim.ddr_model.DdrModel``): fixed ``latency`` cycles
+    from an AR handshake to its first R beat, and a sustained bandwidth of
+    ``beats_per_window`` words per ``window`` cycles (docs/memory.md)."""
+
+    latency: int = 20
+    beats_per_window: int = 1
+    window: int = 1
+
+    def __post_init__(self):
+        for name in ("latency", "beats_per_window", "window"):
+            _positive_int("ddr_sim", name, getattr(self, name))
+        if self.latency < 2:
+            raise ValueError(f"ddr_sim.latency must be at least 2 cycles, not {self.latency!r}")
+        if self.beats_per_window > self.window:
+            raise ValueError(f"ddr_sim.beats_per_window must be at most window ({self.window}): "
+                             f"at most one word per cycle, not {self.beats_per_window!r}")
+
+    @property
+    def words_per_cycle(self) -> float:
+        return self.beats_per_window / self.window
 
 
 @dataclass(frozen=True)

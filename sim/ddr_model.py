@@ -2,8 +2,8 @@
 
 :class:`DdrModel` runs inside the simulated design (Verilator), so a memory-bound simulation
 costs no Python per cycle: the testbench preloads the image once through the backdoor ``load``
-stream and then only exchanges commands and data. :class:`DdrReadHarness` wires an
-:class:`~trilut.hdl.axi.AxiReadMaster` to a :class:`DdrModel` for testbenches.
+stream and then only exchanges commands and data. :class:`DdrHarness` wires any block
+with an AXI4 read port (``axi``) to a :class:`DdrModel` for testbenches.
 
 The model is DDR4 as a (fixed latency, sustained bandwidth) pair, the two numbers a streaming
 accelerator's performance depends on. It does not model banks, row hits and misses, refresh,
@@ -18,10 +18,10 @@ from amaranth.lib import data, fifo, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from .axi import (AXI4_MAX_BURST, BURST_INCR, PAGE_BYTES, RESP_OKAY, AxiReadMaster,
-                  AxiReadSignature, check_axi_widths)
+from trilut.hdl.axi import (AXI4_MAX_BURST, BURST_INCR, PAGE_BYTES, RESP_OKAY, AxiReadMaster,
+                            AxiReadSignature, check_axi_widths)
 
-__all__ = ["VIOLATION_LAYOUT", "DdrModel", "DdrReadHarness"]
+__all__ = ["VIOLATION_LAYOUT", "DdrModel", "DdrHarness", "DdrReadHarness"]
 
 #: Sticky flags of AXI4 rules broken by a master, one bit each.
 VIOLATION_LAYOUT = data.StructLayout({
@@ -221,22 +221,74 @@ class DdrModel(wiring.Component):
         return m
 
 
-class DdrReadHarness(wiring.Component):
-    """Test top: an :class:`AxiReadMaster` reading a :class:`DdrModel`, every port a top port.
+class DdrHarness(wiring.Component):
+    """Simulation top: any block with an ``axi`` read port, reading a :class:`DdrModel`.
+
+    Every member of the block's signature but ``axi`` becomes a top-level port of the same
+    name and direction (streams stay streams, held inputs stay held inputs), and the harness
+    adds:
 
     * ``load`` in: the DDR model's backdoor (``word_addr``, ``data``; ``ready`` always high).
-    * ``cmd`` in / ``data`` out: the master's streams.
+    * ``violations`` out: the DDR model's sticky AXI4 rule flags.
     * ``ar_monitor`` out: ``valid`` and ``payload`` (``addr``, ``len`` = ``arlen``) only, a
       stream without ``ready`` (it cannot be stalled): one beat per AR handshake, so a
       testbench can check every burst. (An ``always_ready`` stream would not do: its constant
       ``ready`` cannot be a top-level port.)
-    * ``violations`` out: the DDR model's sticky AXI4 rule flags.
-    * ``r_stalled`` out: sticky, high once ``rvalid`` was high with ``rready`` low (the
-      master's credits promise that this never happens).
-    * ``error`` / ``idle``: the master's.
+    * ``r_stalled`` out: sticky, high once ``rvalid`` was high with ``rready`` low (a master
+      whose credits promise that this never happens breaks that promise).
 
-    ``master`` and ``ddr`` are the two components, for their models and parameters.
+    ``block`` and ``ddr`` are the two components, for their models and parameters.
     """
+
+    def __init__(self, block: wiring.Component, ddr: DdrModel):
+        if "axi" not in block.signature.members:
+            raise ValueError(f"{type(block).__name__} has no 'axi' member to connect a DDR to")
+        self.block = block
+        self.ddr = ddr
+        self._forwarded = {name: member for name, member in block.signature.members.items()
+                           if name != "axi"}
+        addr_width = len(block.axi.ar.araddr)
+        super().__init__({
+            **self._forwarded,
+            "load": In(ddr.load.signature.flip()),
+            "violations": Out(VIOLATION_LAYOUT),
+            "ar_monitor": Out(wiring.Signature({
+                "valid": Out(1),
+                "payload": Out(data.StructLayout({"addr": unsigned(addr_width),
+                                                  "len": unsigned(8)})),
+            })),
+            "r_stalled": Out(1),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.block = block = self.block
+        m.submodules.ddr = ddr = self.ddr
+        wiring.connect(m, block.axi, ddr.axi)
+        wiring.connect(m, wiring.flipped(self.load), ddr.load)
+        for name, member in self._forwarded.items():
+            outer, inner = getattr(self, name), getattr(block, name)
+            if member.is_port:
+                m.d.comb += (inner.eq(outer) if member.flow == In else outer.eq(inner))
+            elif member.flow == In:
+                wiring.connect(m, wiring.flipped(outer), inner)
+            else:
+                wiring.connect(m, inner, wiring.flipped(outer))
+        ar, r = block.axi.ar, block.axi.r
+        m.d.comb += [
+            self.ar_monitor.valid.eq(ar.arvalid & ar.arready),
+            self.ar_monitor.payload.addr.eq(ar.araddr),
+            self.ar_monitor.payload.len.eq(ar.arlen),
+            self.violations.eq(ddr.violations),
+        ]
+        with m.If(r.rvalid & ~r.rready):
+            m.d.sync += self.r_stalled.eq(1)
+        return m
+
+
+class DdrReadHarness(DdrHarness):
+    """:class:`DdrHarness` around an :class:`AxiReadMaster` (``master``): its ``cmd``,
+    ``data``, ``error`` and ``idle`` become top-level ports."""
 
     def __init__(self, *, depth: int, data_width: int = 128, addr_width: int = 40,
                  length_width: int = 24, max_burst: int = AXI4_MAX_BURST,
@@ -246,41 +298,6 @@ class DdrReadHarness(wiring.Component):
         self.master = AxiReadMaster(data_width=data_width, addr_width=addr_width,
                                     length_width=length_width, max_burst=max_burst,
                                     max_outstanding=max_outstanding, buffer_depth=buffer_depth)
-        self.ddr = DdrModel(depth=depth, data_width=data_width, addr_width=addr_width,
-                            latency=latency, beats_per_window=beats_per_window, window=window,
-                            ar_queue_depth=ar_queue_depth)
-        super().__init__({
-            "load": In(self.ddr.load.signature.flip()),
-            "cmd": In(self.master.cmd.signature.flip()),
-            "data": Out(self.master.data.signature),
-            "ar_monitor": Out(wiring.Signature({
-                "valid": Out(1),
-                "payload": Out(data.StructLayout({"addr": unsigned(addr_width),
-                                                  "len": unsigned(8)})),
-            })),
-            "violations": Out(VIOLATION_LAYOUT),
-            "r_stalled": Out(1),
-            "error": Out(1),
-            "idle": Out(1),
-        })
-
-    def elaborate(self, platform):
-        m = Module()
-        m.submodules.master = master = self.master
-        m.submodules.ddr = ddr = self.ddr
-        wiring.connect(m, master.axi, ddr.axi)
-        wiring.connect(m, wiring.flipped(self.load), ddr.load)
-        wiring.connect(m, wiring.flipped(self.cmd), master.cmd)
-        wiring.connect(m, master.data, wiring.flipped(self.data))
-        ar, r = master.axi.ar, master.axi.r
-        m.d.comb += [
-            self.ar_monitor.valid.eq(ar.arvalid & ar.arready),
-            self.ar_monitor.payload.addr.eq(ar.araddr),
-            self.ar_monitor.payload.len.eq(ar.arlen),
-            self.violations.eq(ddr.violations),
-            self.error.eq(master.error),
-            self.idle.eq(master.idle),
-        ]
-        with m.If(r.rvalid & ~r.rready):
-            m.d.sync += self.r_stalled.eq(1)
-        return m
+        super().__init__(self.master, DdrModel(
+            depth=depth, data_width=data_width, addr_width=addr_width, latency=latency,
+            beats_per_window=beats_per_window, window=window, ar_queue_depth=ar_queue_depth))
