@@ -12,7 +12,6 @@ puts both in a single URAM288 depth: half the URAM. See ``docs/weight_buffer.md`
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 from amaranth.hdl import Cat, Module, Mux, Signal, unsigned
@@ -21,16 +20,16 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import ceil_log2
 
-from trilut.config import URAM_DEPTH, URAM_WIDTH, BoardConfig, EngineConfig
+# The block-memory count is the config's (one count for the fit check and this block);
+# BRAM36_SHAPES is re-exported for callers that imported it from here.
+from trilut.config import (BRAM36_SHAPES, URAM_DEPTH, BoardConfig, EngineConfig,
+                           uram_cascade, uram_columns, weight_buffer_blocks,
+                           weight_buffer_depth)
 # The engine's weight-beat layout, so that ``wiring.connect(m, buffer.beats, engine.weights)``
 # accepts the pair: one definition of the beat's field order.
 from trilut.hdl.tlmm_engine import weight_beat_layout
 
 __all__ = ["WeightBuffer", "BRAM36_SHAPES"]
-
-#: RAMB36E2 aspect ratios (depth, width) usable for one simple-dual-port memory.
-BRAM36_SHAPES = ((32768, 1), (16384, 2), (8192, 4), (4096, 9), (2048, 18), (1024, 36), (512, 72))
-
 
 def _positive_int(name: str, value) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -322,8 +321,8 @@ class WeightBuffer(wiring.Component):
     @property
     def memory_depth(self) -> int:
         """Words per memory: ``tile_beats`` per bank, or with ``one_memory`` both banks in one
-        memory, bank 1 from address ``2**addr_width``."""
-        return (1 << self.addr_width) + self.tile_beats if self.one_memory else self.tile_beats
+        memory, bank 1 from address ``2**addr_width`` (``trilut.config.weight_buffer_depth``)."""
+        return weight_buffer_depth(self.tile_beats, one_memory=self.one_memory)
 
     @property
     def memories(self) -> int:
@@ -332,29 +331,25 @@ class WeightBuffer(wiring.Component):
     @property
     def uram_columns(self) -> int:
         """URAM288 side by side per memory: ``ceil(beat_bits / 72)``."""
-        return math.ceil(self.beat_bits / URAM_WIDTH)
+        return uram_columns(self.beat_bits)
 
     @property
     def uram_cascade(self) -> int:
         """URAM288 cascaded in depth per column: ``ceil(memory_depth / 4096)``."""
-        return math.ceil(self.memory_depth / URAM_DEPTH)
+        return uram_cascade(self.memory_depth)
 
     def memory_blocks(self, board: BoardConfig | None = None, *,
                       uram: bool | None = None) -> dict[str, int]:
         """Block memories for both banks: ``{"uram": n, "bram36": 0}`` or, with ``uram=False``
         or a ``board`` without URAM, ``{"uram": 0, "bram36": n}``.
 
-        URAM: ``memories * uram_columns * uram_cascade``. With two memories and
-        ``tile_beats <= 4096`` this is ``EngineConfig.weight_buffer_urams()``; with
-        ``one_memory`` and ``tile_beats <= 2048`` it is half that (both banks in one URAM
-        depth). BRAM36: the cheapest RAMB36E2 aspect ratio per memory (4096 x 9 for 4096-deep
-        banks: 8 per 72 bits, 8x the URAM count; ``EngineConfig.weight_buffer_urams()``
-        BRAM36 hold only 512-deep banks, as 512 x 72).
+        The count is ``trilut.config.weight_buffer_blocks``, the one the ``DesignConfig`` fit
+        check uses. URAM: ``memories * uram_columns * uram_cascade``; with ``one_memory`` and
+        ``tile_beats <= 2048`` half that of two banks (both in one URAM depth). BRAM36: the
+        cheapest RAMB36E2 aspect ratio per memory (4096 x 9 for 4096-deep banks: 8 per 72
+        bits, 8x the URAM count; 512 x 72 for 512-deep banks: the URAM count).
         """
         if uram is None:
             uram = board is None or board.resources.uram > 0
-        if uram:
-            return {"uram": self.memories * self.uram_columns * self.uram_cascade, "bram36": 0}
-        per_memory = min(math.ceil(self.beat_bits / width) * math.ceil(self.memory_depth / depth)
-                         for depth, width in BRAM36_SHAPES)
-        return {"uram": 0, "bram36": self.memories * per_memory}
+        return weight_buffer_blocks(self.cfg, tile_beats=self.tile_beats, uram=uram,
+                                    one_memory=self.one_memory)

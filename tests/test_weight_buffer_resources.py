@@ -11,7 +11,7 @@ from dataclasses import replace
 
 import pytest
 
-from trilut.config import EngineConfig, load_board
+from trilut.config import EngineConfig, load_board, weight_buffer_blocks
 from trilut.hdl.resources import estimate, synthesize, to_verilog
 from trilut.hdl.weight_buffer import WeightBuffer
 
@@ -55,7 +55,7 @@ def test_banks_infer_two_uram288_each(with_uram, buffer):
     assert cells["URAM288"] == 4 and with_uram.total["uram"] == 4
     assert with_uram.total["bram36"] == 0
     assert buffer.memory_blocks() == {"uram": 4, "bram36": 0}
-    assert buffer.memory_blocks()["uram"] == WIDE.weight_buffer_urams()
+    assert buffer.memory_blocks() == weight_buffer_blocks(WIDE, tile_beats=4096, uram=True)
     assert with_uram.zero_inits_stripped == 2
 
 
@@ -74,6 +74,7 @@ def test_without_uram_banks_infer_ramb36(without_uram, buffer):
     assert cells["RAMB36E2"] == 32 and without_uram.total["bram36"] == 32
     assert without_uram.total["uram"] == 0 and "URAM288" not in cells
     assert buffer.memory_blocks(uram=False) == {"uram": 0, "bram36": 32}
+    assert weight_buffer_blocks(WIDE, tile_beats=4096, uram=False)["bram36"] == 32
 
 
 def test_one_memory_puts_both_banks_in_one_uram_depth(cache):
@@ -91,13 +92,14 @@ def test_memory_blocks_follow_the_board_and_the_depth():
     # 2240-bit beat: 32 URAM288 per bank, 64 in all = every URAM288 of the XCK26.
     assert buffer.uram_columns == 32 and buffer.uram_cascade == 1
     assert buffer.memory_blocks(kv260) == {"uram": 64, "bram36": 0}
-    assert kv260.engine.weight_buffer_urams() == 64 == kv260.resources.uram
+    assert weight_buffer_blocks(kv260.engine, tile_beats=4096, uram=True)["uram"] == 64 \
+        == kv260.resources.uram
     # Without URAM: 4096 x 9 RAMB36E2, ceil(2240 / 9) = 249 per bank.
     no_uram = replace(kv260, resources=replace(kv260.resources, uram=0))
     assert buffer.memory_blocks(no_uram) == {"uram": 0, "bram36": 498}
-    # 512-deep banks fit BRAM36 as 512 x 72: the count weight_buffer_urams() gives.
+    # 512-deep banks fit BRAM36 as 512 x 72: as many as URAM288.
     shallow = WeightBuffer(kv260.engine, tile_beats=512)
-    assert shallow.memory_blocks(no_uram)["bram36"] == kv260.engine.weight_buffer_urams()
+    assert shallow.memory_blocks(no_uram)["bram36"] == 64 == shallow.memory_blocks()["uram"]
     # Deeper than one URAM288: cascaded in depth.
     deep = WeightBuffer(kv260.engine, tile_beats=3 * 4096)
     assert deep.uram_cascade == 3 and deep.memory_blocks() == {"uram": 192, "bram36": 0}

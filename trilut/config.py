@@ -1,29 +1,100 @@
-"""One frozen configuration tree: board -> engine -> design.
+"""One frozen configuration tree: board -> (engine, datapath, ddr_sim) -> design.
 
 Every value is checked when the object is built; a bad value fails at once with a message
 that names it and the limit it broke. The HDL, the simulator, the host packers and the
-reports all read the same objects.
+reports all read the same objects. The weight buffer's block-memory count lives here too
+(:func:`weight_buffer_blocks`), so the design's fit check and ``WeightBuffer.memory_blocks``
+are one computation. See ``docs/configuration.md``.
 """
 
 from __future__ import annotations
 
 import math
 import tomllib
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
 
 from trilut.models import numerics
 
-__all__ = ["BoardResources", "BoardConfig", "EngineConfig", "DesignConfig", "DdrSimConfig", "load_board",
-           "design_for_board", "URAM_WIDTH", "URAM_DEPTH"]
+__all__ = ["BoardResources", "BoardConfig", "EngineConfig", "DatapathConfig", "DdrSimConfig",
+           "DesignConfig", "load_board", "design_for_board", "weight_buffer_blocks",
+           "weight_buffer_depth", "uram_columns", "uram_cascade", "URAM_WIDTH", "URAM_DEPTH",
+           "BRAM36_SHAPES", "ACTIVATIONS"]
 
 #: URAM288 geometry (UltraScale+): 4096 words of 72 bits.
 URAM_WIDTH = 72
 URAM_DEPTH = 4096
 
+#: RAMB36E2 aspect ratios (depth, width) usable for one simple-dual-port memory (UG573).
+BRAM36_SHAPES = ((32768, 1), (16384, 2), (8192, 4), (4096, 9), (2048, 18), (1024, 36), (512, 72))
+
+#: The gated activations the element-wise unit implements (``trilut.hdl.lane_units``).
+ACTIVATIONS = ("relu2", "silu")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
 
 def _positive_int(owner: str, name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    if not _is_int(value) or value < 1:
         raise ValueError(f"{owner}.{name} must be a positive integer, not {value!r}")
+
+
+def _int_in_range(owner: str, name: str, value, low: int, high: int, why: str = "") -> None:
+    if not _is_int(value) or not low <= value <= high:
+        limit = f"an integer from {low} to {high}" + (f" ({why})" if why else "")
+        raise ValueError(f"{owner}.{name} must be {limit}, not {value!r}")
+
+
+# ---- the weight buffer's block memories: one count for the config and the HDL -------------
+
+def uram_columns(width_bits: int) -> int:
+    """URAM288 side by side for a memory ``width_bits`` wide: ``ceil(width_bits / 72)``."""
+    return math.ceil(width_bits / URAM_WIDTH)
+
+
+def uram_cascade(depth: int) -> int:
+    """URAM288 cascaded in depth for a memory ``depth`` words deep: ``ceil(depth / 4096)``."""
+    return math.ceil(depth / URAM_DEPTH)
+
+
+def _bram36_blocks(width_bits: int, depth: int) -> int:
+    """RAMB36E2 for one memory: the cheapest aspect ratio of :data:`BRAM36_SHAPES`."""
+    return min(math.ceil(width_bits / width) * math.ceil(depth / d) for d, width in BRAM36_SHAPES)
+
+
+def weight_buffer_depth(tile_beats: int, *, one_memory: bool = False) -> int:
+    """Words per weight-buffer memory: ``tile_beats`` per bank, or with ``one_memory`` both
+    banks in one memory, bank 1 from address ``2**max(1, ceil(log2(tile_beats)))`` (the bank
+    is the top address bit, as in ``WeightBuffer.elaborate``)."""
+    _positive_int("weight_buffer", "tile_beats", tile_beats)
+    addr_width = max(1, (tile_beats - 1).bit_length())
+    return (1 << addr_width) + tile_beats if one_memory else tile_beats
+
+
+def weight_buffer_blocks(engine: EngineConfig, *, tile_beats: int, uram: bool,
+                         one_memory: bool = False) -> dict[str, int]:
+    """Block memories of the double-buffered weight buffer (``trilut.hdl.weight_buffer``):
+    ``{"uram": n, "bram36": 0}`` with ``uram``, else ``{"uram": 0, "bram36": m}``.
+
+    Two banks of ``tile_beats`` beats of ``engine.weight_beat_bits`` bits (with
+    ``one_memory``, one memory holding both). URAM288: ``ceil(beat_bits / 72)`` columns of
+    ``ceil(depth / 4096)`` cascaded blocks per memory. RAMB36E2: the cheapest aspect ratio per
+    memory (4096 x 9 for 4096-deep banks, 512 x 72 for 512-deep ones). This is the count
+    ``WeightBuffer.memory_blocks`` reports and ``DesignConfig`` checks against the board;
+    tests/test_weight_buffer_resources.py checks it against yosys.
+    """
+    if not isinstance(engine, EngineConfig):
+        raise TypeError(f"engine must be an EngineConfig, not {engine!r}")
+    if not isinstance(uram, bool) or not isinstance(one_memory, bool):
+        raise ValueError(f"uram and one_memory must be True or False, not {uram!r} and "
+                         f"{one_memory!r}")
+    depth = weight_buffer_depth(tile_beats, one_memory=one_memory)
+    memories = 1 if one_memory else 2
+    width = engine.weight_beat_bits
+    if uram:
+        return {"uram": memories * uram_columns(width) * uram_cascade(depth), "bram36": 0}
+    return {"uram": 0, "bram36": memories * _bram36_blocks(width, depth)}
 
 
 @dataclass(frozen=True)
@@ -141,13 +212,61 @@ class EngineConfig:
         return m * (self.padded_k(k) // self.block_k) * (self.padded_n(n) // self.columns_per_cycle)
 
     def weight_buffer_urams(self, tile_beats: int = URAM_DEPTH) -> int:
-        """URAM288 needed to feed one weight beat per cycle, double-buffered (two banks of
-        ``tile_beats`` beats; URAM288 is 4096 x 72)."""
-        return 2 * math.ceil(self.weight_beat_bits / URAM_WIDTH) * math.ceil(tile_beats / URAM_DEPTH)
+        """URAM288 of two ``tile_beats``-deep weight-buffer banks. A thin wrapper kept for
+        ``trilut.generate``'s manifest: :func:`weight_buffer_blocks` is the one count."""
+        return weight_buffer_blocks(self, tile_beats=tile_beats, uram=True)["uram"]
 
-    def weight_buffer_bram36(self, tile_beats: int = URAM_DEPTH) -> int:
-        """The same banks in RAMB36 (512 x 72 at full width) on a board without URAM."""
-        return 2 * math.ceil(self.weight_beat_bits / URAM_WIDTH) * math.ceil(tile_beats / 512)
+    def key(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True)
+class DatapathConfig:
+    """The datapath around the engine: DDR read ports, weight buffer and element-wise units.
+
+    ddr_word_bits    AXI data width of each DDR read port (a power of two, 32..1024); the
+                     weight buffer's ``fill`` words and the AXI read master's ``data``.
+    read_ports       DDR read ports feeding the weight buffer, 1..4. Only one is implemented
+                     in the HDL; more is a planned feature, accepted here so that boards can
+                     describe it, and refused by :class:`DesignConfig` until it exists.
+    tile_beats       weight-buffer bank depth in weight beats (``WeightBuffer.tile_beats``).
+    max_outstanding  AXI read bursts in flight (``AxiReadMaster.max_outstanding``), 1..16.
+    lanes            fp16 values per element-wise beat (norm, quantizer, dequantizer, gated
+                     activation, residual); must equal ``engine.columns_per_cycle`` so one
+                     engine result beat is one element-wise beat (checked by DesignConfig).
+    activation       the FFN's gated activation: "relu2" (BitNet b1.58 2B4T) or "silu".
+    norm_eps         RMSNorm's epsilon, a positive float.
+    """
+
+    ddr_word_bits: int = 128
+    read_ports: int = 1
+    tile_beats: int = URAM_DEPTH
+    max_outstanding: int = 4
+    lanes: int = 16
+    activation: str = "relu2"
+    norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        owner = "datapath"
+        w = self.ddr_word_bits
+        if not _is_int(w) or not 32 <= w <= 1024 or w & (w - 1):
+            raise ValueError(f"datapath.ddr_word_bits must be a power of two from 32 to 1024 "
+                             f"(an AXI4 data width), not {w!r}")
+        _int_in_range(owner, "read_ports", self.read_ports, 1, 4)
+        _positive_int(owner, "tile_beats", self.tile_beats)
+        _int_in_range(owner, "max_outstanding", self.max_outstanding, 1, 16)
+        _positive_int(owner, "lanes", self.lanes)
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"datapath.activation must be one of {', '.join(ACTIVATIONS)}, "
+                             f"not {self.activation!r}")
+        eps = self.norm_eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (
+                0 < eps < math.inf):
+            raise ValueError(f"datapath.norm_eps must be a positive number, not {eps!r}")
+
+    @property
+    def ddr_word_bytes(self) -> int:
+        return self.ddr_word_bits // 8
 
     def key(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -155,26 +274,36 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class DdrSimConfig:
-    """The simulated DDR model (``trilut.sim.ddr_model.DdrModel``): fixed ``latency`` cycles
-    from an AR handshake to its first R beat, and a sustained bandwidth of
-    ``beats_per_window`` words per ``window`` cycles (docs/memory.md)."""
+    """The simulated DDR (``trilut.sim.ddr_model``): a fixed latency and a sustained bandwidth.
+
+    latency           cycles from an AR handshake to its first R beat, at least 2 (the model
+                      registers the read address and the read data).
+    beats_per_window  with ``window``: at most ``beats_per_window`` R beats in any ``window``
+    window            cycles in the long run; ``1 <= beats_per_window <= window`` (at most one
+                      beat per cycle on one port).
+    """
 
     latency: int = 20
     beats_per_window: int = 1
     window: int = 1
 
     def __post_init__(self):
-        for name in ("latency", "beats_per_window", "window"):
-            _positive_int("ddr_sim", name, getattr(self, name))
-        if self.latency < 2:
-            raise ValueError(f"ddr_sim.latency must be at least 2 cycles, not {self.latency!r}")
-        if self.beats_per_window > self.window:
-            raise ValueError(f"ddr_sim.beats_per_window must be at most window ({self.window}): "
-                             f"at most one word per cycle, not {self.beats_per_window!r}")
+        owner = "ddr_sim"
+        # The model counts time in 32-bit signed registers (sim/ddr_model.py's _TIME_WIDTH).
+        _int_in_range(owner, "latency", self.latency, 2, 2 ** 31 - 1,
+                      "the model registers the read address and the data")
+        _positive_int(owner, "window", self.window)
+        b = self.beats_per_window
+        if not _is_int(b) or not 1 <= b <= self.window:
+            raise ValueError(f"ddr_sim.beats_per_window must be an integer from 1 to window "
+                             f"({self.window}): at most one beat per cycle, not {b!r}")
 
     @property
     def words_per_cycle(self) -> float:
         return self.beats_per_window / self.window
+
+    def key(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 @dataclass(frozen=True)
@@ -186,6 +315,8 @@ class BoardConfig:
     ddr_bytes_per_second: float
     resources: BoardResources
     engine: EngineConfig = field(default_factory=EngineConfig)
+    datapath: DatapathConfig = field(default_factory=DatapathConfig)
+    ddr_sim: DdrSimConfig = field(default_factory=DdrSimConfig)
 
     def __post_init__(self):
         if not self.clock_mhz > 0:
@@ -201,41 +332,98 @@ class BoardConfig:
 
 @dataclass(frozen=True)
 class DesignConfig:
-    """A board and the engine built for it; refuses an engine that cannot fit the board."""
+    """A board, the engine and the datapath built for it; refuses a combination that cannot be
+    built: lanes that differ from the engine's columns, more DDR read ports than the HDL has,
+    or a weight buffer larger than the board's block memory."""
 
     board: BoardConfig
     engine: EngineConfig
+    datapath: DatapathConfig | None = None      # None: the board's
 
     def __post_init__(self):
-        res = self.board.resources
-        # Boards without URAM fall back to BRAM36 (512 x 72: eight per URAM288's depth).
-        if res.uram:
-            need, have, kind = self.engine.weight_buffer_urams(), res.uram, "URAM288"
-        else:
-            need, have, kind = self.engine.weight_buffer_bram36(), res.bram36, "BRAM36"
-        if need > have:
+        if self.datapath is None:
+            object.__setattr__(self, "datapath", self.board.datapath)
+        e, d = self.engine, self.datapath
+        if d.lanes != e.columns_per_cycle:
             raise ValueError(
-                f"engine does not fit board {self.board.name}: a {self.engine.weight_beat_bits}-bit "
-                f"weight beat (C={self.engine.columns_per_cycle} x T={self.engine.tables_per_step} "
-                f"x {self.engine.index_bits} bits), double-buffered, needs {need} {kind} "
-                f"but the board has {have}")
+                f"datapath.lanes ({d.lanes}) must equal engine.columns_per_cycle "
+                f"({e.columns_per_cycle}): each engine result beat is one element-wise beat")
+        if d.read_ports != 1:
+            raise ValueError(f"datapath.read_ports = {d.read_ports}: only one DDR read port is "
+                             f"implemented yet")
+        res = self.board.resources
+        # Boards without URAM fall back to RAMB36E2 (the cheapest aspect ratio per bank).
+        uram = res.uram > 0
+        need = weight_buffer_blocks(e, tile_beats=d.tile_beats, uram=uram)
+        kind, key = ("URAM288", "uram") if uram else ("BRAM36", "bram36")
+        have = getattr(res, key)
+        if need[key] > have:
+            raise ValueError(
+                f"engine does not fit board {self.board.name}: a {e.weight_beat_bits}-bit "
+                f"weight beat (C={e.columns_per_cycle} x T={e.tables_per_step} "
+                f"x {e.index_bits} bits), double-buffered {d.tile_beats} beats deep, needs "
+                f"{need[key]} {kind} but the board has {have}")
+
+    @property
+    def ddr_sim(self) -> DdrSimConfig:
+        return self.board.ddr_sim
+
+    @property
+    def weight_buffer_blocks(self) -> dict[str, int]:
+        """The weight buffer's block memories on this board (two separate banks)."""
+        return weight_buffer_blocks(self.engine, tile_beats=self.datapath.tile_beats,
+                                    uram=self.board.resources.uram > 0)
+
+
+def _table(data: dict, name: str, cls, source: str, *, table: str | None = None):
+    """``cls(**data[name])``; an unknown or missing key is named together with its table."""
+    table = table or name
+    values = data.get(name, {})
+    if not isinstance(values, dict):
+        raise ValueError(f"{source}: [{table}] must be a table, not {values!r}")
+    known = [f.name for f in fields(cls)]
+    for key in values:
+        if key not in known:
+            raise ValueError(f"{source}: unknown key {key!r} in [{table}] "
+                             f"(known: {', '.join(known)})")
+    for f in fields(cls):
+        if f.name not in values and f.default is MISSING and f.default_factory is MISSING:
+            raise ValueError(f"{source}: missing key {f.name!r} in [{table}]")
+    try:
+        return cls(**values)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
+
+
+_BOARD_KEYS = ("name", "part", "family", "clock_mhz", "ddr_bytes_per_second", "resources")
+_TABLES = ("board", "engine", "datapath", "ddr_sim")
 
 
 def _board_from_toml(text: str, source: str) -> BoardConfig:
     try:
         data = tomllib.loads(text)
-        b = data["board"]
-        resources = BoardResources(**b["resources"])
-        engine = EngineConfig(**data.get("engine", {}))
-        return BoardConfig(name=b["name"], part=b["part"], family=b["family"],
-                           clock_mhz=b["clock_mhz"], ddr_bytes_per_second=b["ddr_bytes_per_second"],
-                           resources=resources, engine=engine)
     except tomllib.TOMLDecodeError as e:
         raise ValueError(f"{source}: not valid TOML: {e}") from None
-    except KeyError as e:
-        raise ValueError(f"{source}: missing key {e.args[0]!r}") from None
-    except TypeError as e:
-        raise ValueError(f"{source}: {e}") from None
+    for key in data:
+        if key not in _TABLES:
+            raise ValueError(f"{source}: unknown table [{key}] (known: {', '.join(_TABLES)})")
+    b = data.get("board")
+    if not isinstance(b, dict):
+        raise ValueError(f"{source}: missing key 'board'")
+    for key in b:
+        if key not in _BOARD_KEYS:
+            raise ValueError(f"{source}: unknown key {key!r} in [board] "
+                             f"(known: {', '.join(_BOARD_KEYS)})")
+    for key in _BOARD_KEYS:
+        if key not in b:
+            raise ValueError(f"{source}: missing key {key!r}")
+    resources = _table(b, "resources", BoardResources, source, table="board.resources")
+    engine = _table(data, "engine", EngineConfig, source)
+    datapath = _table(data, "datapath", DatapathConfig, source)
+    ddr_sim = _table(data, "ddr_sim", DdrSimConfig, source)
+    return BoardConfig(name=b["name"], part=b["part"], family=b["family"],
+                       clock_mhz=b["clock_mhz"], ddr_bytes_per_second=b["ddr_bytes_per_second"],
+                       resources=resources, engine=engine, datapath=datapath, ddr_sim=ddr_sim)
 
 
 def load_board(name_or_path: str) -> BoardConfig:
@@ -249,7 +437,16 @@ def load_board(name_or_path: str) -> BoardConfig:
     return _board_from_toml(boards.board_text(name_or_path), f"board {name_or_path}")
 
 
-def design_for_board(name_or_path: str, **engine_overrides) -> DesignConfig:
+def design_for_board(name_or_path: str, *, datapath_overrides: dict | None = None,
+                     **engine_overrides) -> DesignConfig:
+    """The board's design, with engine keys and datapath keys replaced.
+
+    ``datapath.lanes`` follows an overridden ``columns_per_cycle`` unless ``datapath_overrides``
+    sets it: lanes must equal C, so that is the only value that builds."""
     board = load_board(name_or_path)
     engine = replace(board.engine, **engine_overrides) if engine_overrides else board.engine
-    return DesignConfig(board=board, engine=engine)
+    datapath_overrides = dict(datapath_overrides or {})
+    if "columns_per_cycle" in engine_overrides:
+        datapath_overrides.setdefault("lanes", engine.columns_per_cycle)
+    datapath = replace(board.datapath, **datapath_overrides)
+    return DesignConfig(board=board, engine=engine, datapath=datapath)
