@@ -2,7 +2,7 @@
 
 Everything between the ternary linears -- RMSNorm, activation quantization, dequantization,
 the gated activation, residual adds -- runs in IEEE 754 binary16 (fp16), as in TeLLMe, with
-these simplifications, which every model here and every RTL unit (``trilut.hdl.fp16``)
+these simplifications, which every model here and every RTL unit (``trilut.hdl.elementwise.fp16``)
 reproduce exactly:
 
 * **round to nearest, ties to even** on every operation, decided as if the exponent were

@@ -323,7 +323,7 @@ def pack_words(fields, bits: int, word_bits: int) -> list[int]:
 
 
 # --------------------------------------------------------------------------------------------
-# The TLMM engine's arithmetic and stream layout (``trilut.hdl.tlmm_engine``).
+# The TLMM engine's arithmetic and stream layout (``trilut.hdl.linear.tlmm_engine``).
 
 
 def tlmm_matmul(acts, weights, code: TableCode, tables_per_step: int) -> np.ndarray:

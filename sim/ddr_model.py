@@ -18,7 +18,7 @@ from amaranth.lib import data, fifo, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from trilut.hdl.axi import (AXI4_MAX_BURST, BURST_INCR, PAGE_BYTES, RESP_OKAY, AxiReadMaster,
+from trilut.hdl.memory.axi import (AXI4_MAX_BURST, BURST_INCR, PAGE_BYTES, RESP_OKAY, AxiReadMaster,
                             AxiReadSignature, check_axi_widths)
 
 __all__ = ["VIOLATION_LAYOUT", "DdrModel", "DdrHarness", "DdrReadHarness"]

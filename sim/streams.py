@@ -470,7 +470,7 @@ class StreamSink(_StreamDriver):
 async def backdoor_load(dut, clk, words, *, addr_width: int, prefix: str = "load") -> None:
     """Write ``(word address, data hex)`` pairs through a memory model's backdoor stream
     (payload: address in the low ``addr_width`` bits, data above). Python per word, once,
-    before the timed part of a run (``trilut.hdl.ddr_model.DdrModel.load``)."""
+    before the timed part of a run (``trilut.sim.ddr_model.DdrModel.load``)."""
     load = StreamSource(dut, prefix, clk)
     for addr, word in words:
         load.send_nowait(addr | int(word, 16) << addr_width)

@@ -1,4 +1,4 @@
-"""cocotb testbench for ``trilut.hdl.ddr_model.DdrReadHarness`` (AxiReadMaster + DdrModel).
+"""cocotb testbench for ``trilut.sim.ddr_model.DdrReadHarness`` (AxiReadMaster + DdrModel).
 
 Reads the spec that ``tests/test_axi_read_verilator.py`` wrote (``TRILUT_AXI_SPEC``): the
 memory image, then phases of read commands, each with the words the master's model expects,

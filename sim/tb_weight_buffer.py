@@ -1,4 +1,4 @@
-"""cocotb testbench for ``trilut.hdl.weight_buffer.WeightBuffer``.
+"""cocotb testbench for ``trilut.hdl.memory.weight_buffer.WeightBuffer``.
 
 Reads the cases that ``tests/test_weight_buffer_verilator.py`` wrote (``TRILUT_WB_CASES``):
 for each, the tile commands, the DDR words, the expected beats (from ``WeightBuffer.model``)

@@ -15,15 +15,15 @@ import tempfile
 
 from amaranth.lib import wiring
 
-from trilut.hdl.bitlinear import BitLinear
-from trilut.hdl.ffn_block import FfnBlock
-from trilut.hdl.linear_datapath import WeightFedTlmm
-from trilut.hdl.tlmm_engine import TlmmEngine
+from trilut.hdl.linear.bitlinear import BitLinear
+from trilut.hdl.decoder.ffn_block import FfnBlock
+from trilut.hdl.linear.weight_fed_tlmm import WeightFedTlmm
+from trilut.hdl.linear.tlmm_engine import TlmmEngine
 from trilut.sim.ddr_model import DdrHarness, DdrModel
 from trilut.sim.runner import run_case
 from trilut.transport import BlockRequest, PhaseResult, StreamRun, Transport
 
-__all__ = ["SimulationTransport", "build_block", "BLOCK_KINDS"]
+__all__ = ["SimulationTransport", "build_block", "run_stream_on", "BLOCK_KINDS"]
 
 
 def _ddr_fed(block: wiring.Component, params) -> DdrHarness:
@@ -66,16 +66,26 @@ class SimulationTransport(Transport):
         self._runs = 0
 
     def run_stream(self, block: BlockRequest, run: StreamRun) -> list[PhaseResult]:
-        top = build_block(block)
-        case = {"run": run.as_json()}
-        if run.memory:
-            if not isinstance(top, DdrHarness):
-                raise ValueError(f"{block.kind} has no DDR to place {len(run.memory)} words in")
-            case["load"] = {"prefix": "load", "addr_width": top.ddr.word_addr_width}
         self._runs += 1
         run_dir = (self.run_dir / f"{block.kind}-{self._runs}" if self.run_dir is not None
-                   else pathlib.Path(tempfile.mkdtemp(prefix=f"trilut-{block.kind}-")))
-        seen, _ = run_case(top, name=block.kind, test_module="trilut.sim.stream_testbench",
-                           case=case, run_dir=run_dir)
-        return [PhaseResult(name=p["name"], outputs=p["outputs"], cycles=p["cycles"],
-                            handshakes=p["handshakes"]) for p in seen["phases"]]
+                   else None)
+        return run_stream_on(build_block(block), run, name=block.kind, run_dir=run_dir)
+
+
+def run_stream_on(top: wiring.Component, run: StreamRun, *, name: str,
+                  run_dir: "os.PathLike | str | None" = None) -> list[PhaseResult]:
+    """Run ``run`` on the component ``top`` with the generic testbench: what
+    ``SimulationTransport`` does after building a block, open to the unit tests of blocks the
+    host never asks for by kind (a weight buffer, a norm unit). ``run.memory`` needs a ``top``
+    with the DDR backdoor (a ``DdrHarness``)."""
+    case = {"run": run.as_json()}
+    if run.memory:
+        if not isinstance(top, DdrHarness):
+            raise ValueError(f"{name} has no DDR to place {len(run.memory)} words in")
+        case["load"] = {"prefix": "load", "addr_width": top.ddr.word_addr_width}
+    run_dir = (pathlib.Path(run_dir).resolve() if run_dir is not None
+               else pathlib.Path(tempfile.mkdtemp(prefix=f"trilut-{name}-")))
+    seen, _ = run_case(top, name=name, test_module="trilut.sim.stream_testbench", case=case,
+                       run_dir=run_dir)
+    return [PhaseResult(name=p["name"], outputs=p["outputs"], cycles=p["cycles"],
+                        handshakes=p["handshakes"]) for p in seen["phases"]]

@@ -23,7 +23,7 @@ import random
 import pytest
 from amaranth.sim import Simulator
 
-from trilut.hdl.axi import AxiReadMaster, PAGE_BYTES, split_bursts
+from trilut.hdl.memory.axi import AxiReadMaster, PAGE_BYTES, split_bursts
 from trilut.sim.ddr_model import DdrModel, DdrReadHarness
 from trilut.sim.runner import run_cocotb
 

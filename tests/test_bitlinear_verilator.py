@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from trilut.config import DdrSimConfig, EngineConfig
-from trilut.hdl.bitlinear import BitLinear
+from trilut.hdl.linear.bitlinear import BitLinear
 from trilut.host.layer_runs import bitlinear_job, run_job
 from trilut.host.weight_image import compile_weight_image
 from trilut.models import numerics as nm

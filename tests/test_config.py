@@ -260,7 +260,7 @@ SMALL = EngineConfig(group_size=2, tables_per_step=9, columns_per_cycle=4, accum
 @pytest.mark.parametrize("one_memory", [False, True])
 @pytest.mark.parametrize("uram", [True, False])
 def test_config_count_is_the_weight_buffer_count(engine, tile_beats, one_memory, uram):
-    from trilut.hdl.weight_buffer import WeightBuffer
+    from trilut.hdl.memory.weight_buffer import WeightBuffer
     buffer = WeightBuffer(engine, tile_beats=tile_beats, one_memory=one_memory)
     blocks = weight_buffer_blocks(engine, tile_beats=tile_beats, uram=uram, one_memory=one_memory)
     assert blocks == buffer.memory_blocks(uram=uram)
@@ -268,7 +268,7 @@ def test_config_count_is_the_weight_buffer_count(engine, tile_beats, one_memory,
 
 
 def test_kv260_weight_buffer_counts():
-    from trilut.hdl.weight_buffer import WeightBuffer
+    from trilut.hdl.memory.weight_buffer import WeightBuffer
     board = load_board("kv260")
     e, tile = board.engine, board.datapath.tile_beats
     no_uram = replace(board, resources=replace(board.resources, uram=0))

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from trilut.config import DdrSimConfig, EngineConfig
-from trilut.hdl.ffn_block import FfnBlock
+from trilut.hdl.decoder.ffn_block import FfnBlock
 from trilut.host.layer_runs import ffn_job, ffn_layers, ffn_level2, run_job
 from trilut.host.weight_image import compile_weight_image
 from trilut.models import numerics as nm

@@ -24,7 +24,7 @@ from amaranth.lib.wiring import In, Out
 from amaranth.sim import Simulator
 from cocotb.triggers import Timer
 
-from trilut.hdl.fp16 import Fp16Add, Fp16Mul, IntToFp16
+from trilut.hdl.elementwise.fp16 import Fp16Add, Fp16Mul, IntToFp16
 from trilut.models import fp16 as fp
 from trilut.models import numerics as nm
 from trilut.sim.runner import run_cocotb

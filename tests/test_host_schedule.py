@@ -4,8 +4,8 @@ import pytest
 from amaranth.hdl import Const
 
 from trilut.config import EngineConfig
-from trilut.hdl.axi import AxiReadMaster
-from trilut.hdl.weight_buffer import WeightBuffer
+from trilut.hdl.memory.axi import AxiReadMaster
+from trilut.hdl.memory.weight_buffer import WeightBuffer
 from trilut.host.schedule import (MAX_REPLAYS, STREAM_TILE_BEATS, read_command, tile_command,
                                   weight_schedule)
 

@@ -1,5 +1,5 @@
 # amaranth: UnusedElaboratable=no
-"""The element-wise lane units (``hdl/lane_units.py``) against their models, bit for bit.
+"""The element-wise lane units (``hdl/elementwise/lane_units.py``) against their models, bit for bit.
 
 Cycle-accurate tier: each unit is built once with Verilator (4 lanes, cached by the hash of
 its Verilog) and runs all its cases in one simulator launch through ``sim/tb_lane_units.py``:
@@ -25,9 +25,9 @@ from amaranth.lib import wiring
 from amaranth.sim import Simulator
 
 from trilut.config import EngineConfig
-from trilut.hdl.lane_units import (DequantScale, Dequantizer, GatedActivation, ResidualAdd,
+from trilut.hdl.elementwise.lane_units import (DequantScale, Dequantizer, GatedActivation, ResidualAdd,
                                    lane_signature)
-from trilut.hdl.tlmm_engine import TlmmEngine
+from trilut.hdl.linear.tlmm_engine import TlmmEngine
 from trilut.models import fp16 as fp
 from trilut.sim.runner import run_cocotb
 

@@ -31,7 +31,7 @@ ALLOWED = {
 
 
 def _layer_of_module(name: str) -> str | None:
-    """``trilut.hdl.axi`` -> ``hdl``; ``trilut.config`` -> ``config``; the CLI-level modules
+    """``trilut.hdl.memory.axi`` -> ``hdl``; ``trilut.config`` -> ``config``; the CLI-level modules
     of the ``trilut`` folder (cli, generate, bench) -> ``cli``."""
     parts = name.split(".")
     if parts[0] != "trilut":
@@ -45,12 +45,12 @@ def _layer_of_module(name: str) -> str | None:
 
 def _modules(root):
     for folder in FOLDERS:
-        for path in sorted((root / folder).glob("*.py")):
-            if folder == "trilut":
-                name = "trilut" if path.stem == "__init__" else f"trilut.{path.stem}"
-            else:
-                name = f"trilut.{folder}" + ("" if path.stem == "__init__" else f".{path.stem}")
-            yield name, path
+        for path in sorted((root / folder).rglob("*.py")):
+            parts = path.relative_to(root / folder).with_suffix("").parts
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            prefix = "trilut" if folder == "trilut" else f"trilut.{folder}"
+            yield ".".join((prefix, *parts)), path
 
 
 def _imports(name: str, path: pathlib.Path):
@@ -106,7 +106,7 @@ def test_numerics_config_and_hdl_import_without_torch():
     import subprocess
     import sys
     code = ("import sys, importlib, pkgutil, trilut.hdl, trilut.config, trilut.generate\n"
-            "for m in pkgutil.iter_modules(trilut.hdl.__path__):\n"
-            "    importlib.import_module('trilut.hdl.' + m.name)\n"
+            "for m in pkgutil.walk_packages(trilut.hdl.__path__, 'trilut.hdl.'):\n"
+            "    importlib.import_module(m.name)\n"
             "assert 'torch' not in sys.modules, 'torch was imported'\n")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from trilut.config import DdrSimConfig, EngineConfig
-from trilut.hdl.tlmm_engine import TlmmEngine
+from trilut.hdl.linear.tlmm_engine import TlmmEngine
 from trilut.host.layer_runs import layer_from_ddr_job, run_job
 from trilut.host.weight_image import compile_weight_image
 from trilut.models import numerics as nm

@@ -14,10 +14,10 @@ from amaranth.lib import wiring
 from amaranth.sim import Simulator
 
 from trilut.config import EngineConfig
-from trilut.hdl.row_units import (ActQuantizer, Fp32AddNonNegative, RmsNorm,
+from trilut.hdl.elementwise.row_units import (ActQuantizer, Fp32AddNonNegative, RmsNorm,
                                   quant_reciprocal_table)
 from trilut.models.numerics import lane_beats, unpack_lane_beats
-from trilut.hdl.tlmm_engine import TlmmEngine
+from trilut.hdl.linear.tlmm_engine import TlmmEngine
 from trilut.models import fp16 as fp
 from trilut.models import numerics as nm
 from trilut.sim.tb_row_units import activation_rows

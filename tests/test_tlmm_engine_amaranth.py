@@ -11,7 +11,7 @@ import pytest
 from amaranth.sim import Simulator
 
 from trilut.config import EngineConfig
-from trilut.hdl.tlmm_engine import ColumnLookup, TableBuilder, TlmmEngine
+from trilut.hdl.linear.tlmm_engine import ColumnLookup, TableBuilder, TlmmEngine
 from trilut.models import numerics as nm
 
 pytestmark = pytest.mark.fast

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from trilut.config import EngineConfig
-from trilut.hdl.tlmm_engine import TlmmEngine
+from trilut.hdl.linear.tlmm_engine import TlmmEngine
 from trilut.host.layer_runs import TlmmCase, run_job, tlmm_job, with_expected_cycles
 from trilut.models import numerics as nm
 from trilut.sim.transport import SimulationTransport

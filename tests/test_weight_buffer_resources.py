@@ -13,7 +13,7 @@ import pytest
 
 from trilut.config import EngineConfig, load_board, weight_buffer_blocks
 from trilut.hdl.resources import estimate, synthesize, to_verilog
-from trilut.hdl.weight_buffer import WeightBuffer
+from trilut.hdl.memory.weight_buffer import WeightBuffer
 
 pytestmark = pytest.mark.synth
 

@@ -20,8 +20,8 @@ from amaranth import Module
 from amaranth.lib import wiring
 
 from trilut.config import EngineConfig
-from trilut.hdl.tlmm_engine import TlmmEngine
-from trilut.hdl.weight_buffer import WeightBuffer
+from trilut.hdl.linear.tlmm_engine import TlmmEngine
+from trilut.hdl.memory.weight_buffer import WeightBuffer
 from trilut.sim.runner import run_cocotb
 
 pytestmark = pytest.mark.rtl

@@ -83,7 +83,7 @@ def run_tlmm_benchmark(*, quick: bool = False, resources: bool = True,
             }
             if resources:
                 from trilut.hdl import resources as res
-                from trilut.hdl.tlmm_engine import TlmmEngine
+                from trilut.hdl.linear.tlmm_engine import TlmmEngine
                 status.update(f"[{i}/{len(points)}] {point.name}: yosys resource estimate")
                 report = res.estimate(TlmmEngine(e), name="tlmm_engine")
                 row.update({key: report.total.get(key) for key in
@@ -114,7 +114,7 @@ def run_ddr_linear_benchmark(*, quick: bool = False, console: Console | None = N
     from trilut.host.weight_image import compile_weight_image
     from trilut.models import numerics as nm
     from trilut.models.checkpoint import build_tiny_checkpoint, load_checkpoint
-    from trilut.hdl.tlmm_engine import TlmmEngine
+    from trilut.hdl.linear.tlmm_engine import TlmmEngine
     from trilut.host.layer_runs import layer_from_ddr_job
     from trilut.sim.transport import SimulationTransport
 

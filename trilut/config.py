@@ -27,7 +27,7 @@ URAM_DEPTH = 4096
 #: RAMB36E2 aspect ratios (depth, width) usable for one simple-dual-port memory (UG573).
 BRAM36_SHAPES = ((32768, 1), (16384, 2), (8192, 4), (4096, 9), (2048, 18), (1024, 36), (512, 72))
 
-#: The gated activations the element-wise unit implements (``trilut.hdl.lane_units``).
+#: The gated activations the element-wise unit implements (``trilut.hdl.elementwise.lane_units``).
 ACTIVATIONS = ("relu2", "silu")
 
 
@@ -74,7 +74,7 @@ def weight_buffer_depth(tile_beats: int, *, one_memory: bool = False) -> int:
 
 def weight_buffer_blocks(engine: EngineConfig, *, tile_beats: int, uram: bool,
                          one_memory: bool = False) -> dict[str, int]:
-    """Block memories of the double-buffered weight buffer (``trilut.hdl.weight_buffer``):
+    """Block memories of the double-buffered weight buffer (``trilut.hdl.memory.weight_buffer``):
     ``{"uram": n, "bram36": 0}`` with ``uram``, else ``{"uram": 0, "bram36": m}``.
 
     Two banks of ``tile_beats`` beats of ``engine.weight_beat_bits`` bits (with
@@ -117,7 +117,7 @@ class BoardResources:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """Parameters of the TLMM engine (see ``trilut.hdl.tlmm_engine``).
+    """Parameters of the TLMM engine (see ``trilut.hdl.linear.tlmm_engine``).
 
     group_size         G: activations (and weights) per table.
     tables_per_step    T: tables built from one activation block; the engine consumes G*T

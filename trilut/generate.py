@@ -17,7 +17,7 @@ from amaranth.lib import wiring
 
 from trilut import __version__
 from trilut.config import DesignConfig
-from trilut.hdl.tlmm_engine import TlmmEngine
+from trilut.hdl.linear.tlmm_engine import TlmmEngine
 
 __all__ = ["design_components", "component_ports", "generate"]
 
@@ -31,14 +31,14 @@ def design_components(design: DesignConfig, *, datapath: bool = False
     ``datapath`` adds the linear datapath's other blocks, each sized for the board's engine
     (C fp16 lanes, K up to ``max_k``): the AXI read master, the double-buffered weight buffer
     and the fused element-wise units. They are separate modules for now; the FFN block that
-    wires them (``hdl/ffn_block.py``) fixes its shapes at build time.
+    wires them (``hdl/decoder/ffn_block.py``) fixes its shapes at build time.
     """
     components = {"tlmm_engine": TlmmEngine(design.engine)}
     if datapath:
-        from trilut.hdl.axi import AxiReadMaster
-        from trilut.hdl.lane_units import Dequantizer, GatedActivation, ResidualAdd
-        from trilut.hdl.row_units import ActQuantizer, RmsNorm
-        from trilut.hdl.weight_buffer import WeightBuffer
+        from trilut.hdl.memory.axi import AxiReadMaster
+        from trilut.hdl.elementwise.lane_units import Dequantizer, GatedActivation, ResidualAdd
+        from trilut.hdl.elementwise.row_units import ActQuantizer, RmsNorm
+        from trilut.hdl.memory.weight_buffer import WeightBuffer
         e = design.engine
         lanes = e.columns_per_cycle
         components.update({

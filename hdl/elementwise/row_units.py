@@ -24,7 +24,7 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from trilut.config import EngineConfig
-from trilut.hdl.fp16 import Fp16Mul, leading_zeros
+from trilut.hdl.elementwise.fp16 import Fp16Mul, leading_zeros
 from trilut.models import fp16 as fp
 from trilut.models import numerics
 

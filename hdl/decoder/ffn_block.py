@@ -40,9 +40,9 @@ from amaranth.lib import fifo, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from trilut.config import EngineConfig
-from trilut.hdl.lane_units import Dequantizer, GatedActivation, ResidualAdd, lane_layout
-from trilut.hdl.linear_datapath import WeightFedTlmm
-from trilut.hdl.row_units import ActQuantizer, RmsNorm
+from trilut.hdl.elementwise.lane_units import Dequantizer, GatedActivation, ResidualAdd, lane_layout
+from trilut.hdl.linear.weight_fed_tlmm import WeightFedTlmm
+from trilut.hdl.elementwise.row_units import ActQuantizer, RmsNorm
 from trilut.models import numerics as nm
 
 __all__ = ["FfnBlock"]

@@ -16,7 +16,7 @@ and neither is taken without the other.
 
 Latency (``latency``): a beat taken on clock edge ``e`` is offered on the output right after
 edge ``e + latency - 1`` and can leave on edge ``e + latency``; throughput one beat per cycle.
-Each stage holds one of the combinational units of ``trilut.hdl.fp16`` (an fp16 multiply or
+Each stage holds one of the combinational units of ``trilut.hdl.elementwise.fp16`` (an fp16 multiply or
 add: a DSP48E2 product plus its normalize-and-round), see docs/lane_units.md for timing.
 """
 
@@ -29,11 +29,11 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from trilut.config import EngineConfig
-from trilut.hdl.fp16 import Fp16Add, Fp16Mul
+from trilut.hdl.elementwise.fp16 import Fp16Add, Fp16Mul
 # The fp16 rounding rules' two building blocks (priority encoder; flush/saturate/pack), shared
 # with the arithmetic units rather than copied, so the contract lives in one place.
-from trilut.hdl.fp16 import _pack, leading_zeros
-from trilut.hdl.tlmm_engine import N_GROUPS_WIDTH
+from trilut.hdl.elementwise.fp16 import _pack, leading_zeros
+from trilut.hdl.linear.tlmm_engine import N_GROUPS_WIDTH
 from trilut.models import fp16 as fp
 
 __all__ = ["lane_layout", "lane_signature", "DequantScale", "Dequantizer", "GatedActivation",

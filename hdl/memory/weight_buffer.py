@@ -27,7 +27,7 @@ from trilut.config import (BRAM36_SHAPES, URAM_DEPTH, BoardConfig, EngineConfig,
                            weight_buffer_depth)
 # The engine's weight-beat layout, so that ``wiring.connect(m, buffer.beats, engine.weights)``
 # accepts the pair: one definition of the beat's field order.
-from trilut.hdl.tlmm_engine import weight_beat_layout
+from trilut.hdl.linear.tlmm_engine import weight_beat_layout
 
 __all__ = ["WeightBuffer", "BRAM36_SHAPES"]
 

@@ -19,9 +19,9 @@ from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
 from trilut.config import EngineConfig
-from trilut.hdl.axi import AxiReadMaster
-from trilut.hdl.tlmm_engine import TlmmEngine
-from trilut.hdl.weight_buffer import WeightBuffer
+from trilut.hdl.memory.axi import AxiReadMaster
+from trilut.hdl.linear.tlmm_engine import TlmmEngine
+from trilut.hdl.memory.weight_buffer import WeightBuffer
 
 __all__ = ["WeightFedTlmm"]
 

@@ -1,0 +1,1 @@
+"""Decoder-layer blocks composed from the linear and element-wise units."""

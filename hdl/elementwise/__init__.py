@@ -1,0 +1,1 @@
+"""Fused fp16/fp32 element-wise units around the matmul (norms, quantizer, dequantizer, activation, residual)."""

@@ -1,0 +1,1 @@
+"""The ternary linear path: the TLMM engine, its DDR-fed form and BitLinear."""
