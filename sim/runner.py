@@ -37,10 +37,9 @@ import tempfile
 import time
 import xml.etree.ElementTree as ElementTree
 
-from amaranth.back import verilog
 from amaranth.lib import wiring
 
-from trilut.hdl.resources import strip_zero_memory_inits
+from trilut.hdl.verilog import convert
 
 from trilut.cache import cache_root, file_lock
 
@@ -130,10 +129,9 @@ def run_cocotb(component: wiring.Component, *, name: str, test_module: str,
     test_file = _module_file(test_module)
 
     ensure_verilator()
-    # Amaranth spells out every memory's zero initial contents; a 4096-word memory became a
-    # 1.3 MB C++ file and a 35 s build. Without the block, --x-initial 0 gives the same zeros.
-    verilog_text, _ = strip_zero_memory_inits(
-        verilog.convert(component, name=name, emit_src=False))
+    # The text generate ships and yosys synthesises (trilut.hdl.verilog says what it strips:
+    # all-zero memory initialisers, which --x-initial 0 gives back, among them).
+    verilog_text = convert(component, name=name).text
     build_args = [*BUILD_ARGS, *build_args]
 
     start = time.perf_counter()

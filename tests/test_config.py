@@ -103,9 +103,17 @@ def test_a_board_without_uram_counts_bram36_in_the_cheapest_shape(tmp_path):
 
 
 def test_generate_with_the_datapath_writes_every_block(tmp_path):
+    from trilut.generate import design_components
+    from trilut.hdl.verilog import convert
     design = design_for_board("kv260", tables_per_step=2, columns_per_cycle=2, accumulator_depth=4,
-                              max_k=64)
+                              max_k=64, datapath_overrides={"ddr_word_bits": 64, "tile_beats": 512})
     manifest = generate(design, tmp_path, datapath=True)
+    # The datapath is sized from the configuration tree, and the manifest says so.
+    assert manifest["datapath"]["ddr_word_bits"] == 64
+    assert manifest["weight_buffer"] == design.weight_buffer_blocks
+    # What is shipped is the one conversion, the text the simulator builds and yosys reads.
+    for name, component in design_components(design, datapath=True).items():
+        assert (tmp_path / f"{name}.v").read_text() == convert(component, name=name).text
     assert set(manifest["modules"]) == {"tlmm_engine", "axi_read_master", "weight_buffer",
                                         "rms_norm", "act_quantizer", "dequantizer",
                                         "gated_activation", "residual_add"}
@@ -115,7 +123,7 @@ def test_generate_with_the_datapath_writes_every_block(tmp_path):
     assert ports["weight_buffer"]["beats__payload"] == ports["tlmm_engine"]["weights__payload"]
     assert ports["act_quantizer"]["acts__payload"] == ports["tlmm_engine"]["acts__payload"]
     assert ports["dequantizer"]["acc__payload"] == ports["tlmm_engine"]["results__payload"]
-    assert ports["weight_buffer"]["fill__payload"] == ports["axi_read_master"]["data__payload"]
+    assert ports["weight_buffer"]["fill__payload"] == ports["axi_read_master"]["data__payload"] == 64
     for name in manifest["modules"]:
         assert (tmp_path / f"{name}.v").read_text().count(f"module {name}(") == 1
 
@@ -280,5 +288,3 @@ def test_kv260_weight_buffer_counts():
     # The small engine: 2 URAM288 columns per bank, or 16 RAMB36E2 (4096 x 9) per bank.
     assert weight_buffer_blocks(SMALL, tile_beats=4096, uram=True) == {"uram": 4, "bram36": 0}
     assert weight_buffer_blocks(SMALL, tile_beats=4096, uram=False) == {"uram": 0, "bram36": 32}
-    # The engine's wrapper (kept for trilut.generate) is the same count.
-    assert e.weight_buffer_urams(tile) == 64

@@ -16,8 +16,8 @@ from amaranth.lib.wiring import In, Out
 from trilut.config import load_board
 from trilut.hdl.resources import (RESOURCES, SynthesisError, SynthesisTimeout, compare_to_board,
                                   estimate, format_table, report_to_json,
-                                  merge_identical_modules, strip_zero_memory_inits, synthesize,
-                                  to_verilog)
+                                  merge_identical_modules, synthesize)
+from trilut.hdl.verilog import strip_zero_memory_inits, to_verilog
 
 pytestmark = pytest.mark.synth
 

@@ -12,7 +12,8 @@ from dataclasses import replace
 import pytest
 
 from trilut.config import EngineConfig, load_board, weight_buffer_blocks
-from trilut.hdl.resources import estimate, synthesize, to_verilog
+from trilut.hdl.resources import estimate, synthesize
+from trilut.hdl.verilog import convert
 from trilut.hdl.memory.weight_buffer import WeightBuffer
 
 pytestmark = pytest.mark.synth
@@ -29,14 +30,10 @@ def buffer():
 
 @pytest.fixture(scope="module")
 def verilog(buffer):
-    from amaranth.back import verilog as amaranth_verilog
-
-    from trilut.hdl.resources import strip_field_aliases
-    _, removed = strip_field_aliases(
-        amaranth_verilog.convert(buffer, name="weight_buffer", emit_src=False))
+    verilog = convert(buffer, name="weight_buffer")
     # 4 columns of 9 fields: 4 + 36 alias wires, each declared and assigned.
-    assert removed == 2 * (4 + 4 * 9)
-    return to_verilog(buffer, name="weight_buffer")
+    assert verilog.field_aliases_stripped == 2 * (4 + 4 * 9)
+    return verilog
 
 
 @pytest.fixture(scope="module")

@@ -211,11 +211,6 @@ class EngineConfig:
         """One weight beat per cycle: M x ceil(K / GT) x ceil(N / C)."""
         return m * (self.padded_k(k) // self.block_k) * (self.padded_n(n) // self.columns_per_cycle)
 
-    def weight_buffer_urams(self, tile_beats: int = URAM_DEPTH) -> int:
-        """URAM288 of two ``tile_beats``-deep weight-buffer banks. A thin wrapper kept for
-        ``trilut.generate``'s manifest: :func:`weight_buffer_blocks` is the one count."""
-        return weight_buffer_blocks(self, tile_beats=tile_beats, uram=True)["uram"]
-
     def key(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 

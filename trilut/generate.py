@@ -11,13 +11,13 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from amaranth.back import verilog
 from amaranth.hdl import Value
 from amaranth.lib import wiring
 
 from trilut import __version__
 from trilut.config import DesignConfig
 from trilut.hdl.linear.tlmm_engine import TlmmEngine
+from trilut.hdl.verilog import convert
 
 __all__ = ["design_components", "component_ports", "generate"]
 
@@ -28,8 +28,9 @@ def design_components(design: DesignConfig, *, datapath: bool = False
                       ) -> dict[str, wiring.Component]:
     """The top-level components of the design, by Verilog module name.
 
-    ``datapath`` adds the linear datapath's other blocks, each sized for the board's engine
-    (C fp16 lanes, K up to ``max_k``): the AXI read master, the double-buffered weight buffer
+    ``datapath`` adds the linear datapath's other blocks, each sized from the design's engine
+    and datapath configuration (C fp16 lanes, K up to ``max_k``, the DDR word width, tile
+    beats, outstanding reads, activation, norm epsilon): the AXI read master, the double-buffered weight buffer
     and the fused element-wise units. They are separate modules for now; the FFN block that
     wires them (``hdl/decoder/ffn_block.py``) fixes its shapes at build time.
     """
@@ -39,15 +40,16 @@ def design_components(design: DesignConfig, *, datapath: bool = False
         from trilut.hdl.elementwise.lane_units import Dequantizer, GatedActivation, ResidualAdd
         from trilut.hdl.elementwise.row_units import ActQuantizer, RmsNorm
         from trilut.hdl.memory.weight_buffer import WeightBuffer
-        e = design.engine
-        lanes = e.columns_per_cycle
+        e, d = design.engine, design.datapath
+        lanes = d.lanes
         components.update({
-            "axi_read_master": AxiReadMaster(data_width=128),
-            "weight_buffer": WeightBuffer(e, tile_beats=4096, word_bits=128),
-            "rms_norm": RmsNorm(lanes=lanes, max_n=e.max_k),
+            "axi_read_master": AxiReadMaster(data_width=d.ddr_word_bits,
+                                             max_outstanding=d.max_outstanding),
+            "weight_buffer": WeightBuffer(e, tile_beats=d.tile_beats, word_bits=d.ddr_word_bits),
+            "rms_norm": RmsNorm(lanes=lanes, max_n=e.max_k, eps=d.norm_eps),
             "act_quantizer": ActQuantizer(e, lanes=lanes, max_n=e.max_k),
             "dequantizer": Dequantizer(e),
-            "gated_activation": GatedActivation(lanes=lanes, activation="relu2"),
+            "gated_activation": GatedActivation(lanes=lanes, activation=d.activation),
             "residual_add": ResidualAdd(lanes=lanes),
         })
     return components
@@ -77,14 +79,14 @@ def _engine_parameters(design: DesignConfig) -> dict:
         "acc_width": e.acc_width,
         "weight_beat_bits": e.weight_beat_bits,
         "act_beat_bits": e.act_beat_bits,
-        "weight_buffer_urams": e.weight_buffer_urams(),
     }
 
 
-def generate(design: DesignConfig, out: Path, *, model=None, ddr_word_bits: int = 128,
-             datapath: bool = False) -> dict:
+def generate(design: DesignConfig, out: Path, *, model=None, datapath: bool = False) -> dict:
     """Write each component's Verilog and ``manifest.json`` into ``out``; return the manifest.
 
+    The Verilog is ``trilut.hdl.verilog.convert``'s: the same text the simulator builds and
+    the resource estimate synthesises.
     With ``model`` (a ``BitNetModel`` or a checkpoint directory), also write the DDR weight
     image the hardware reads (``weights.bin``, docs/weight_image.md) and list its sections.
     """
@@ -93,7 +95,7 @@ def generate(design: DesignConfig, out: Path, *, model=None, ddr_word_bits: int 
     files = {}
     ports = {}
     for name, component in design_components(design, datapath=datapath).items():
-        text = verilog.convert(component, name=name)
+        text = convert(component, name=name).text
         path = out / f"{name}.v"
         path.write_text(text)
         files[name] = {"file": path.name, "sha256": hashlib.sha256(text.encode()).hexdigest(),
@@ -107,13 +109,16 @@ def generate(design: DesignConfig, out: Path, *, model=None, ddr_word_bits: int 
                   "clock_mhz": board.clock_mhz, "ddr_bytes_per_second": board.ddr_bytes_per_second,
                   "resources": board.resources.as_dict()},
         "engine": _engine_parameters(design),
+        "datapath": asdict(design.datapath),
+        # The blocks' own count (WeightBuffer.memory_blocks), the one the fit check uses.
+        "weight_buffer": design.weight_buffer_blocks,
         "modules": files,
         "ports": ports,
     }
     if model is not None:
         from trilut.host.weight_image import write_weight_image
         image = write_weight_image(out / "weights.bin", model, design.engine,
-                                   ddr_word_bits=ddr_word_bits)
+                                   ddr_word_bits=design.datapath.ddr_word_bits)
         manifest["weight_image"] = {
             "file": "weights.bin", "bytes": len(image), "ddr_word_bits": image.ddr_word_bits,
             "format_version": image.format_version,
