@@ -2,21 +2,23 @@
 """The memory side: AxiReadMaster reading DdrModel, on Verilator (cocotb) and in amaranth.sim.
 
 The Verilator runs (never skipped) build ``DdrReadHarness`` once per configuration (cached by
-the hash of its Verilog) and run every phase in one simulator launch: a random 16 KiB image
-preloaded through the backdoor, then commands of 1, 255, 256, 257 and 1000 words, length 0,
-commands that cross 4 KiB boundaries (one in the upper DDR window at ``0x8_0000_0000``), many
-short commands back to back, all under random idle on ``cmd`` and backpressure on ``data``;
-then long reads without stalls, where the measured cycles must equal
-``AxiReadMaster.expected_cycles`` and the sustained rate must reach the DDR model's
-configured bandwidth. Every word must arrive once, in order, bit for bit, and the AR channel
-must carry exactly the bursts of ``AxiReadMaster.bursts`` (AXI4 rules checked on each).
+the hash of its Verilog) and run every phase in one simulator launch of the generic testbench
+(``sim/stream_testbench.py``, through ``run_stream_on``): a random 16 KiB image preloaded
+through the backdoor, then commands of 1, 255, 256, 257 and 1000 words, length 0, commands
+that cross 4 KiB boundaries (one in the upper DDR window at ``0x8_0000_0000``), many short
+commands back to back, under random idle on ``cmd`` and backpressure on ``data``; then the
+short commands and long reads without stalls, where the measured cycles must equal
+``AxiReadMaster.expected_cycles`` (whenever ``hides_latency`` holds; never fewer otherwise)
+and the sustained rate must reach the DDR model's configured bandwidth. Every word must
+arrive once, in order, bit for bit, the AR channel (``ar_monitor``) must carry exactly the
+bursts of ``AxiReadMaster.bursts`` (AXI4 rules checked on each), nothing may follow a phase's
+last word, and the master must be ``idle`` after every phase.
 
 The amaranth.sim tests are the fast tier: a small harness under random stalls, the DDR
 model's latency, ID echo and rule flags driven directly, the burst split and the parameter
 checks.
 """
 
-import json
 import math
 import random
 
@@ -25,7 +27,8 @@ from amaranth.sim import Simulator
 
 from trilut.hdl.memory.axi import AxiReadMaster, PAGE_BYTES, split_bursts
 from trilut.sim.ddr_model import DdrModel, DdrReadHarness
-from trilut.sim.runner import run_cocotb
+from trilut.sim.transport import run_stream_on
+from trilut.transport import StreamPhase, StreamRun
 
 pytestmark = pytest.mark.rtl
 
@@ -72,71 +75,96 @@ def _phases(rng: random.Random) -> list[dict]:
     ]
     short = [(rng.randrange(DEPTH) * WORD, rng.randint(1, 40)) for _ in range(30)]
     return [
-        dict(name="mixed-lengths-stalls", commands=mixed, cmd_idle=0.3, data_stall=0.4),
-        dict(name="back-to-back-short", commands=short, cmd_idle=0.0, data_stall=0.2),
-        dict(name="long-read", commands=[(0, 2048)], cmd_idle=0.0, data_stall=0.0),
+        dict(name="mixed-lengths-stalls", commands=mixed, stall=0.3,
+             stream_stalls={"data": 0.4}),
+        # Commands always offered, data backpressured.
+        dict(name="back-to-back-short-data-stall", commands=short, stall=0.2,
+             stream_stalls={"cmd": 0.0}),
+        # The same commands truly back to back: one AR a cycle, whatever the lengths.
+        dict(name="back-to-back-short", commands=short),
+        dict(name="long-read", commands=[(0, 2048)]),
         dict(name="long-reads-unaligned",
-             commands=[(UPPER_DDR + (i * 509 + 3) * WORD, 400) for i in range(6)],
-             cmd_idle=0.0, data_stall=0.0),
+             commands=[(UPPER_DDR + (i * 509 + 3) * WORD, 400) for i in range(6)]),
     ]
 
 
-def run_harness(config: dict, tmp_path, seed: int = 7):
-    harness = DdrReadHarness(depth=DEPTH, **config)
-    master = harness.master
+def _ar_beats(master: AxiReadMaster, commands) -> list[int]:
+    """The ``ar_monitor`` beats (``addr``, then ``len`` = beats - 1) of ``commands``."""
+    return [addr | (beats - 1) << master.addr_width
+            for a, n in commands for addr, beats in master.bursts(a, n)]
+
+
+def axi_read_run(harness: DdrReadHarness, seed: int = 7) -> tuple[StreamRun, list[dict]]:
+    """The Verilator run for one harness: a random image preloaded through the backdoor, then
+    one phase per command list of :func:`_phases`; each phase settles until the master is
+    idle and checks that it is."""
+    master, ddr = harness.master, harness.ddr
     rng = random.Random(seed)
     image = [rng.getrandbits(master.data_width) for _ in range(DEPTH)]
-    phases = _phases(rng)
-    for phase in phases:
-        words = master.model(Aliased(image), phase["commands"])
-        phase["expected"] = [format(w, "x") for w in words]
-        phase["bursts"] = [b for addr, length in phase["commands"]
-                           for b in master.bursts(addr, length)]
-    spec = {"addr_width": master.addr_width, "data_width": master.data_width,
-            "word_addr_width": harness.ddr.word_addr_width, "latency": config["latency"],
-            "image": [format(w, "x") for w in image], "phases": phases}
-    spec_file, results_file = tmp_path / "spec.json", tmp_path / "results.json"
-    spec_file.write_text(json.dumps(spec))
-    sim = run_cocotb(harness, name="axi_read_harness", test_module="trilut.sim.tb_axi_read",
-                     run_dir=tmp_path, env={"TRILUT_AXI_SPEC": str(spec_file),
-                                            "TRILUT_AXI_RESULTS": str(results_file)})
-    return harness, image, phases, json.loads(results_file.read_text()), sim
+    specs = _phases(rng)
+    for spec in specs:
+        spec["image"] = image
+    timing = dict(latency=ddr.latency, beats_per_window=ddr.beats_per_window, window=ddr.window)
+    phases = []
+    for number, spec in enumerate(specs):
+        commands = spec["commands"]
+        exact = "stall" not in spec and master.hides_latency(commands, **timing)
+        phases.append(StreamPhase(
+            name=spec["name"], stall=spec.get("stall", 0.0),
+            stream_stalls=spec.get("stream_stalls", {}), seed=10 * number + 1,
+            inputs={"cmd": [addr | length << master.addr_width for addr, length in commands]},
+            expected={"data": master.model(Aliased(image), commands),
+                      "ar_monitor": _ar_beats(master, commands)},
+            # Exact when the bursts in flight cover the latency; else a lower bound only.
+            expected_cycles=master.expected_cycles(commands, **timing) if exact else None,
+            # Long enough for a duplicated beat or a stray burst to surface, then idle.
+            settle_cycles=3 * ddr.latency + 20, flags={"idle": 1}))
+    run = StreamRun(phases=phases, memory=dict(enumerate(image)),
+                    clean_flags=("violations", "r_stalled", "error"))
+    return run, specs
 
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_axi_read_master_against_ddr_model_on_verilator(name, tmp_path):
-    config = CONFIGS[name]
-    harness, image, phases, results, sim = run_harness(config, tmp_path)
-    assert sim.passed == 1 and sim.failed == 0
-    assert results["flags"] == {"violations": 0, "r_stalled": 0, "error": 0}
+    harness = DdrReadHarness(depth=DEPTH, data_width=8 * WORD, **CONFIGS[name])
     master, ddr = harness.master, harness.ddr
+    run, specs = axi_read_run(harness)
+    # The testbench checks every word and every AR beat bit for bit, in order, the silence
+    # after each phase, ``idle``, the DDR's rule flags, R never stalled, no error response,
+    # and the stall-free cycles of the phases whose ``expected_cycles`` it was given.
+    results = run_stream_on(harness, run, name="axi_read_harness", run_dir=tmp_path)
     rate = ddr.beats_per_cycle
-    for phase, seen in zip(phases, results["phases"], strict=True):
-        words = [int(w, 16) for w in seen["words"]]
-        assert words == master.model(Aliased(image), phase["commands"]), phase["name"]
-        bursts = [tuple(b) for b in seen["bursts"]]
-        assert bursts == [b for a, n in phase["commands"] for b in master.bursts(a, n)]
+    timing = dict(latency=ddr.latency, beats_per_window=ddr.beats_per_window, window=ddr.window)
+    for spec, phase, seen in zip(specs, run.phases, results, strict=True):
+        commands = spec["commands"]
+        assert seen.outputs["data"] == master.model(Aliased(spec["image"]), commands), \
+            phase.name
+        mask = (1 << master.addr_width) - 1
+        bursts = [(beat & mask, (beat >> master.addr_width) + 1)
+                  for beat in seen.outputs["ar_monitor"]]
+        assert bursts == [b for a, n in commands for b in master.bursts(a, n)], phase.name
         for addr, beats in bursts:
             assert 1 <= beats <= min(256, master.max_burst)
             assert addr // PAGE_BYTES == (addr + beats * WORD - 1) // PAGE_BYTES, hex(addr)
-        expected = master.expected_cycles(phase["commands"], latency=ddr.latency,
-                                          beats_per_window=ddr.beats_per_window,
-                                          window=ddr.window)
-        if phase["data_stall"] == 0.0 and phase["name"].startswith("long"):
+        expected = master.expected_cycles(commands, **timing)
+        if not phase.stalls and phase.name.startswith("long"):
             # No backpressure, and the bursts in flight cover the latency: the memory's
             # bandwidth is the only limit, and the performance model is cycle-exact.
-            assert master.hides_latency(phase["commands"], latency=ddr.latency,
-                                        beats_per_window=ddr.beats_per_window,
-                                        window=ddr.window)
-            measured = (len(words) - 1) / seen["data_span"]
-            print(f"{name} {phase['name']}: {len(words)} words, {seen['cycles']} cycles "
+            assert master.hides_latency(commands, **timing)
+            data = seen.handshakes["data"]
+            measured = (len(data) - 1) / (data[-1] - data[0])
+            print(f"{name} {phase.name}: {len(data)} words, {seen.cycles} cycles "
                   f"(expected {expected}), sustained {measured:.4f} beats/cycle "
                   f"vs configured {rate:.4f}")
             assert measured >= 0.98 * rate
-            assert seen["cycles"] == expected
-            assert seen["first_word_cycle"] == 4 + ddr.latency
+            assert phase.expected_cycles == expected
+            assert seen.cycles == expected
+            # The first word: 2 cycles to the AR, the latency, 2 through the buffer.
+            assert data[0] - seen.handshakes["cmd"][0] == 4 + ddr.latency
+        elif phase.expected_cycles is not None:
+            assert seen.cycles == phase.expected_cycles == expected, phase.name
         else:
-            assert seen["cycles"] >= expected
+            assert seen.cycles >= expected, phase.name
 
 
 # ---- fast tier: amaranth.sim ----------------------------------------------------------------
@@ -225,7 +253,7 @@ def test_expected_cycles_exact_when_latency_hidden_amaranth_sim():
                                           + rng.choice([-1, 0, 0, 1])),
                       buffer_depth=max_burst + math.ceil(b * (latency + 4) / w)
                       + rng.choice([-2, 0, 0, 3]))
-        harness = DdrReadHarness(depth=256, **config)
+        harness = DdrReadHarness(depth=256, data_width=8 * WORD, **config)
         commands = [(rng.randrange(1000) * WORD, rng.randint(1, 100))
                     for _ in range(rng.randint(1, 3))]
         image = [rng.getrandbits(128) for _ in range(256)]
@@ -319,10 +347,13 @@ def test_beat_cycles_match_the_token_bucket():
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda: AxiReadMaster(max_burst=257), "max_burst must be an integer from 1 to 256"),
-    (lambda: AxiReadMaster(data_width=96), "data_width must be a power of two"),
-    (lambda: AxiReadMaster(max_burst=64, buffer_depth=32), "buffer_depth must be"),
-    (lambda: AxiReadMaster(addr_width=8), "addr_width must be"),
+    (lambda: AxiReadMaster(data_width=128, max_outstanding=4, max_burst=257),
+     "max_burst must be an integer from 1 to 256"),
+    (lambda: AxiReadMaster(data_width=96, max_outstanding=4), "data_width must be a power of two"),
+    (lambda: AxiReadMaster(data_width=128, max_outstanding=4, max_burst=64, buffer_depth=32),
+     "buffer_depth must be"),
+    (lambda: AxiReadMaster(data_width=128, max_outstanding=4, addr_width=8),
+     "addr_width must be"),
     (lambda: DdrModel(depth=1000), "depth must be a power of two"),
     (lambda: DdrModel(depth=64, latency=1), "latency must be"),
     (lambda: DdrModel(depth=64, beats_per_window=3, window=2), "beats_per_window must be"),
