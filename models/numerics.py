@@ -464,7 +464,7 @@ __all__ += ["tlmm_matmul", "pack_rows", "tlmm_weight_beats", "tlmm_act_beats",
 
 def rmsnorm_partials(lanes: int) -> int:
     """The sum-of-squares order of the hardware's RMSNorm: two fp32 partial sums per lane
-    (``hdl.row_units.RmsNorm``), added by a pairwise tree."""
+    (``hdl.elementwise.rmsnorm.RmsNorm``), added by a pairwise tree."""
     return 2 * lanes
 
 

@@ -1,4 +1,4 @@
-"""cocotb testbench for the element-wise lane units (``trilut.hdl.elementwise.lane_units``).
+"""cocotb testbench for the element-wise lane units (``hdl/elementwise/{dequant,activation,residual}.py``).
 
 One testbench for every unit: the cases file (``TRILUT_LANE_CASES``, written by
 ``tests/test_lane_units_verilator.py``) names the unit's input streams and its output stream,

@@ -1,4 +1,4 @@
-"""cocotb testbench for the row units (``trilut.hdl.elementwise.row_units``): RmsNorm and ActQuantizer.
+"""cocotb testbench for the row units (``hdl/elementwise/{rmsnorm,act_quant}.py``): RmsNorm and ActQuantizer.
 
 Reads the cases the pytest side wrote (``TRILUT_ROW_CASES``): for each, the shape inputs, the
 input beat streams, the number of beats expected on each output stream and the stall

@@ -1,5 +1,5 @@
 # amaranth: UnusedElaboratable=no
-"""The element-wise lane units (``hdl/elementwise/lane_units.py``) against their models, bit for bit.
+"""The element-wise lane units (``hdl/elementwise/{dequant,activation,residual}.py``) against their models, bit for bit.
 
 Cycle-accurate tier: each unit is built once with Verilator (4 lanes, cached by the hash of
 its Verilog) and runs all its cases in one simulator launch through ``sim/tb_lane_units.py``:
@@ -25,8 +25,10 @@ from amaranth.lib import wiring
 from amaranth.sim import Simulator
 
 from trilut.config import EngineConfig
-from trilut.hdl.elementwise.lane_units import (DequantScale, Dequantizer, GatedActivation, ResidualAdd,
-                                   lane_signature)
+from trilut.hdl.elementwise.activation import GatedActivation
+from trilut.hdl.elementwise.dequant import DequantScale, Dequantizer
+from trilut.hdl.elementwise.lanes import lane_signature
+from trilut.hdl.elementwise.residual import ResidualAdd
 from trilut.hdl.linear.tlmm_engine import TlmmEngine
 from trilut.models import fp16 as fp
 from trilut.sim.runner import run_cocotb

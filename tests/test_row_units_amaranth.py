@@ -14,8 +14,9 @@ from amaranth.lib import wiring
 from amaranth.sim import Simulator
 
 from trilut.config import EngineConfig
-from trilut.hdl.elementwise.row_units import (ActQuantizer, Fp32AddNonNegative, RmsNorm,
-                                  quant_reciprocal_table)
+from trilut.hdl.elementwise.act_quant import ActQuantizer, quant_reciprocal_table
+from trilut.hdl.elementwise.fp32_add import Fp32AddNonNegative
+from trilut.hdl.elementwise.rmsnorm import RmsNorm
 from trilut.models.numerics import lane_beats, unpack_lane_beats
 from trilut.hdl.linear.tlmm_engine import TlmmEngine
 from trilut.models import fp16 as fp

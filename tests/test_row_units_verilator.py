@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from trilut.config import EngineConfig
-from trilut.hdl.elementwise.row_units import ActQuantizer, RmsNorm
+from trilut.hdl.elementwise.act_quant import ActQuantizer
+from trilut.hdl.elementwise.rmsnorm import RmsNorm
 from trilut.models.numerics import lane_beats, unpack_lane_beats
 from trilut.models import fp16 as fp
 from trilut.sim.runner import run_cocotb

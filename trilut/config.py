@@ -27,7 +27,7 @@ URAM_DEPTH = 4096
 #: RAMB36E2 aspect ratios (depth, width) usable for one simple-dual-port memory (UG573).
 BRAM36_SHAPES = ((32768, 1), (16384, 2), (8192, 4), (4096, 9), (2048, 18), (1024, 36), (512, 72))
 
-#: The gated activations the element-wise unit implements (``trilut.hdl.elementwise.lane_units``).
+#: The gated activations the element-wise unit implements (``trilut.hdl.elementwise.activation``).
 ACTIVATIONS = ("relu2", "silu")
 
 

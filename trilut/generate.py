@@ -37,8 +37,11 @@ def design_components(design: DesignConfig, *, datapath: bool = False
     components = {"tlmm_engine": TlmmEngine(design.engine)}
     if datapath:
         from trilut.hdl.memory.axi import AxiReadMaster
-        from trilut.hdl.elementwise.lane_units import Dequantizer, GatedActivation, ResidualAdd
-        from trilut.hdl.elementwise.row_units import ActQuantizer, RmsNorm
+        from trilut.hdl.elementwise.act_quant import ActQuantizer
+        from trilut.hdl.elementwise.activation import GatedActivation
+        from trilut.hdl.elementwise.dequant import Dequantizer
+        from trilut.hdl.elementwise.residual import ResidualAdd
+        from trilut.hdl.elementwise.rmsnorm import RmsNorm
         from trilut.hdl.memory.weight_buffer import WeightBuffer
         e, d = design.engine, design.datapath
         lanes = d.lanes

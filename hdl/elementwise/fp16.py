@@ -22,6 +22,11 @@ How the hardware reaches "exact result, rounded once":
   every bit shifted past it). With G, R and S an aligned add or subtract rounds correctly:
   a subtraction that cancels more than one leading bit only happens for exponent
   differences <= 1, where no bit was lost to the sticky.
+
+The rounding rules' building blocks are shared with every element-wise block (fp16 and the
+fp32 reductions) rather than copied: ``leading_zeros`` (a priority encoder),
+``round_normalized`` (RNE of a significand whose leading one is at one of its top two bits)
+and ``pack`` (flush, saturate, pack a code of either format).
 """
 
 import numpy as np
@@ -35,8 +40,6 @@ __all__ = ["Fp16Mul", "Fp16Add", "IntToFp16"]
 
 _MANT = fp.FP16.mantissa_bits               # 10
 _BIAS = fp.FP16.bias                        # 15
-_EXP_MAX = 2 * _BIAS                        # 30: largest biased exponent of a finite result
-_MAX_MAGNITUDE = fp.FP16.max_code           # 0x7BFF = 65504
 
 
 def leading_zeros(m: Module, value, name: str) -> Signal:
@@ -49,16 +52,42 @@ def leading_zeros(m: Module, value, name: str) -> Signal:
     return count
 
 
-def _pack(m: Module, y, sign, exponent, significand, zero):
-    """Drive ``y`` from a rounded result: ``exponent`` (signed, biased) and an 11-bit
-    ``significand`` with its hidden bit; flush below 1, saturate above 30, ``zero`` forces
-    a signed zero."""
+def pack(m: Module, y, fmt: fp.FloatFormat, *, sign, exponent, rounded, zero):
+    """Drive code ``y`` of ``fmt`` (fp16 or fp32) from a rounded result: a signed biased
+    ``exponent`` and the rounded significand ``rounded`` (hidden bit included). The rules of
+    ``models.fp16``: flush below exponent 1, saturate above the largest finite exponent
+    ``2 * bias``; ``zero`` forces a signed zero."""
+    mant = fmt.mantissa_bits
     with m.If(zero | (exponent < 1)):
-        m.d.comb += y.eq(Cat(Const(0, 15), sign))
-    with m.Elif(exponent > _EXP_MAX):
-        m.d.comb += y.eq(Cat(Const(_MAX_MAGNITUDE, 15), sign))
+        m.d.comb += y.eq(Cat(Const(0, fmt.width - 1), sign))
+    with m.Elif(exponent > 2 * fmt.bias):
+        m.d.comb += y.eq(Cat(Const(fmt.max_code, fmt.width - 1), sign))
     with m.Else():
-        m.d.comb += y.eq(Cat(significand[:_MANT], exponent[:5], sign))
+        m.d.comb += y.eq(Cat(rounded[:mant], exponent[:fmt.exponent_bits], sign))
+
+
+def round_normalized(m: Module, value, precision: int, name: str):
+    """RNE of ``value`` (leading one at its top bit or the one below) to ``precision`` bits.
+
+    Returns ``(rounded, top)``: ``rounded`` has ``precision + 1`` bits (bit ``precision`` set
+    when the round carried out, the mantissa bits then zero) and ``top`` is the leading-one
+    position's offset (1 when it is the top bit). The exponent grows by ``top + carry``.
+    """
+    width = len(value)
+    top = value[width - 1]
+    kept = Signal(precision, name=f"{name}_kept")
+    guard = Signal(name=f"{name}_guard")
+    sticky = Signal(name=f"{name}_sticky")
+    low = width - precision             # first kept bit when the top bit leads
+    with m.If(top):
+        m.d.comb += [kept.eq(value[low:width]), guard.eq(value[low - 1]),
+                     sticky.eq(value[:low - 1].any() if low > 1 else 0)]
+    with m.Else():
+        m.d.comb += [kept.eq(value[low - 1:width - 1]), guard.eq(value[low - 2]),
+                     sticky.eq(value[:low - 2].any() if low > 2 else 0)]
+    rounded = Signal(precision + 1, name=f"{name}_rounded")
+    m.d.comb += rounded.eq(kept + (guard & (sticky | kept[0])))
+    return rounded, top
 
 
 class Fp16Mul(wiring.Component):
@@ -95,7 +124,7 @@ class Fp16Mul(wiring.Component):
         exponent = Signal(signed(8))
         # rounded[11]: the round carried out (significand 2.0): exponent + 1, mantissa 0.
         m.d.comb += exponent.eq(ea + eb - _BIAS + top + rounded[11])
-        _pack(m, self.y, sign, exponent, rounded, zero_in)
+        pack(m, self.y, fp.FP16, sign=sign, exponent=exponent, rounded=rounded, zero=zero_in)
         return m
 
     def model(self, a, b) -> np.ndarray:
@@ -168,7 +197,8 @@ class Fp16Add(wiring.Component):
 
         zero_sum = total == 0
         sign = Mux(zero_sum, sign_a & sign_b, sign_big)
-        _pack(m, self.y, sign, final_exponent, rounded, zero_sum)
+        pack(m, self.y, fp.FP16, sign=sign, exponent=final_exponent, rounded=rounded,
+             zero=zero_sum)
         return m
 
     def model(self, a, b) -> np.ndarray:
@@ -206,7 +236,8 @@ class IntToFp16(wiring.Component):
         m.d.comb += rounded.eq(kept + (guard & (sticky | kept[0])))
         exponent = Signal(signed(9))
         m.d.comb += exponent.eq(_BIAS + (w - 1) - lz + rounded[11])
-        _pack(m, self.y, sign, exponent, rounded, magnitude == 0)
+        pack(m, self.y, fp.FP16, sign=sign, exponent=exponent, rounded=rounded,
+             zero=magnitude == 0)
         return m
 
     def model(self, value) -> np.ndarray:

@@ -17,9 +17,10 @@ from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
 from trilut.config import EngineConfig
-from trilut.hdl.elementwise.lane_units import Dequantizer
+from trilut.hdl.elementwise.dequant import Dequantizer
 from trilut.hdl.linear.weight_fed_tlmm import WeightFedTlmm
-from trilut.hdl.elementwise.row_units import ActQuantizer, RmsNorm
+from trilut.hdl.elementwise.act_quant import ActQuantizer
+from trilut.hdl.elementwise.rmsnorm import RmsNorm
 from trilut.models import numerics as nm
 
 __all__ = ["BitLinear"]

@@ -1,0 +1,90 @@
+"""The lane convention and the stream plumbing shared by the element-wise blocks.
+
+fp16 values move as streams of ``L`` lanes per beat: payload ``lane_layout(L)`` =
+``data.ArrayLayout(unsigned(16), L)`` of fp16 codes, lane ``i`` at bits ``16 i .. 16 i + 15``
+(lane 0 = the lowest element of the row).
+
+Stream protocol of the pipelined lane blocks (``dequant``, ``activation``, ``residual``):
+``amaranth.lib.stream`` valid/ready; a beat moves on a clock edge where both are high. Every
+pipeline stage has its own valid bit and takes a new beat when it is empty or its beat moves
+on (``load = ~valid | load of the next stage``, ``Pipeline``), so backpressure on the output
+stalls the pipeline from the back, bubbles are squeezed out, and nothing is dropped or
+duplicated. Output ``valid`` and payload are registers. A block with two input streams joins
+them beat by beat (``join``): beat ``i`` of one pairs with beat ``i`` of the other, and
+neither is taken without the other.
+
+Latency (``latency``): a beat taken on clock edge ``e`` is offered on the output right after
+edge ``e + latency - 1`` and can leave on edge ``e + latency``; throughput one beat per cycle.
+"""
+
+from __future__ import annotations
+
+from amaranth.hdl import Module, Signal, unsigned
+from amaranth.lib import data, stream
+
+__all__ = ["positive_int", "check_lanes", "lane_layout", "lane_signature", "Pipeline", "join"]
+
+
+def positive_int(name: str, value, *, at_most: int | None = None) -> None:
+    """Raise ``ValueError`` naming ``name`` and the value unless ``value`` is an integer in
+    ``1 ..  at_most`` (no upper limit when ``at_most`` is None; a bool is not an integer)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, not {value!r}")
+    if at_most is not None and value > at_most:
+        raise ValueError(f"{name} must be at most {at_most}, not {value!r}")
+
+
+def check_lanes(lanes) -> None:
+    """Raise ``ValueError`` unless ``lanes`` is an integer from 1 to 256."""
+    if isinstance(lanes, bool) or not isinstance(lanes, int) or not 1 <= lanes <= 256:
+        raise ValueError(f"lanes must be an integer from 1 to 256, not {lanes!r}")
+
+
+def lane_layout(lanes: int) -> data.ArrayLayout:
+    """``lanes`` fp16 codes per beat."""
+    check_lanes(lanes)
+    return data.ArrayLayout(unsigned(16), lanes)
+
+
+def lane_signature(lanes: int) -> stream.Signature:
+    """A stream of ``lane_layout(lanes)`` beats."""
+    return stream.Signature(lane_layout(lanes))
+
+
+class Pipeline:
+    """Valid bits and enables of ``depth`` register stages in a row, with backpressure.
+
+    ``load[k]``: stage ``k`` may take a beat this cycle (it is empty, or its beat moves on);
+    ``take[k] = load[k] & (valid of what feeds it)`` is the data registers' enable. The
+    ``load`` chain is combinational from ``out_ready`` to ``in_ready`` (one LUT level a stage).
+    """
+
+    def __init__(self, m: Module, depth: int, *, in_valid, out_ready, name: str):
+        self.valid = [Signal(name=f"{name}{k + 1}_valid") for k in range(depth)]
+        self.load = [Signal(name=f"{name}{k + 1}_load") for k in range(depth)]
+        self.take = [Signal(name=f"{name}{k + 1}_take") for k in range(depth)]
+        for k in reversed(range(depth)):
+            downstream = out_ready if k == depth - 1 else self.load[k + 1]
+            upstream = in_valid if k == 0 else self.valid[k - 1]
+            m.d.comb += [self.load[k].eq(~self.valid[k] | downstream),
+                         self.take[k].eq(self.load[k] & upstream)]
+            with m.If(self.load[k]):
+                m.d.sync += self.valid[k].eq(upstream)
+
+    @property
+    def in_ready(self):
+        return self.load[0]
+
+    @property
+    def out_valid(self):
+        return self.valid[-1]
+
+
+def join(m: Module, a: stream.Interface, b: stream.Interface, *, ready, valid) -> None:
+    """Pair beat ``i`` of ``a`` with beat ``i`` of ``b``: both move together, when ``ready``.
+    Drives the joined ``valid``. Each stream's ``ready`` depends on the other's ``valid``
+    (allowed: a sink's ready may depend on valid), never on its own."""
+    m.d.comb += [valid.eq(a.valid & b.valid),
+                 a.ready.eq(ready & b.valid),
+                 b.ready.eq(ready & a.valid)]
+
