@@ -2,18 +2,17 @@
 """Cycle-accurate tier: the double-buffered weight buffer on Verilator (cocotb).
 
 Each configuration is built once (cached by the hash of its Verilog) and runs all its cases
-in one simulator launch: several tiles with replays, full and one-beat tiles, random idle
-cycles on ``tiles`` and ``fill`` and random backpressure on ``beats``; every beat must equal
-``WeightBuffer.model`` bit for bit. Runs without stalls must take exactly
+as the phases of one run of the generic testbench (``sim/stream_testbench.py``): several
+tiles with replays, full and one-beat tiles, random idle cycles on ``tiles`` and ``fill`` and
+random backpressure on ``beats``; every beat must equal ``WeightBuffer.model`` bit for bit,
+and nothing may follow a case's last beat. Runs without stalls must take exactly
 ``WeightBuffer.expected_cycles``, and show that filling overlaps streaming.
 """
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 from amaranth import Module
@@ -22,7 +21,8 @@ from amaranth.lib import wiring
 from trilut.config import EngineConfig
 from trilut.hdl.linear.tlmm_engine import TlmmEngine
 from trilut.hdl.memory.weight_buffer import WeightBuffer
-from trilut.sim.runner import run_cocotb
+from trilut.sim.transport import run_stream_on
+from trilut.transport import StreamPhase, StreamRun
 
 pytestmark = pytest.mark.rtl
 
@@ -88,50 +88,55 @@ def _cases(buffer: WeightBuffer) -> list[Case]:
     return cases
 
 
-def _run(buffer: WeightBuffer, cases: list[Case], run_dir: Path) -> list[dict]:
-    cases_file, results_file = run_dir / "cases.json", run_dir / "results.json"
-    cases_file.write_text(json.dumps({"cases": [{
-        "name": c.name, "seed": c.seed, "fill_idle": c.fill_idle, "tiles_idle": c.tiles_idle,
-        "beats_stall": c.beats_stall,
-        "commands": [buffer.command(length, replays) for length, replays in c.tiles],
-        "words": [format(w, "x") for w in c.words],
-        "expected": [format(b, "x") for b in buffer.model(c.words, c.tiles)],
-    } for c in cases]}))
-    sim = run_cocotb(buffer, name="weight_buffer", test_module="trilut.sim.tb_weight_buffer",
-                     run_dir=run_dir, env={"TRILUT_WB_CASES": str(cases_file),
-                                           "TRILUT_WB_RESULTS": str(results_file)})
-    assert sim.failed == 0 and sim.passed == 1
-    return json.loads(results_file.read_text())["cases"]
+def weight_buffer_run(buffer: WeightBuffer, cases: list[Case]) -> StreamRun:
+    """One phase per case: its tile commands and fill words in, ``WeightBuffer.model``'s
+    beats expected, each stream idle or backpressured with its own probability; after each
+    phase nothing more may come out."""
+    return StreamRun(phases=[StreamPhase(
+        name=c.name, seed=c.seed,
+        stream_stalls={"tiles": c.tiles_idle, "fill": c.fill_idle, "beats": c.beats_stall},
+        inputs={"tiles": [buffer.command(length, replays) for length, replays in c.tiles],
+                "fill": c.words},
+        expected={"beats": buffer.model(c.words, c.tiles)},
+        # The performance model is cycle-exact without stalls.
+        expected_cycles=None if c.stalls else buffer.expected_cycles(c.tiles),
+        settle_cycles=16,
+    ) for c in cases])
 
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_weight_buffer_on_verilator(name, tmp_path):
     buffer = WeightBuffer(**CONFIGS[name])
     cases = _cases(buffer)
-    seen = _run(buffer, cases, tmp_path)
-    for case, result in zip(cases, seen, strict=True):
-        got = [int(b, 16) for b in result["beats"]]
+    run = weight_buffer_run(buffer, cases)
+    # The testbench checks every beat bit for bit, in order, the silence after each phase
+    # and the stall-free cycles against ``expected_cycles``.
+    seen = run_stream_on(buffer, run, name="weight_buffer", run_dir=tmp_path)
+    for case, phase, result in zip(cases, run.phases, seen, strict=True):
+        got = result.outputs["beats"]
         assert got == buffer.model(case.words, case.tiles), case.name
         assert len(got) == sum(length * replays for length, replays in case.tiles)
         expected = buffer.expected_cycles(case.tiles)
         if case.stalls:
-            assert result["cycles"] >= expected, case.name
+            assert phase.stalls and phase.expected_cycles is None
+            assert result.cycles >= expected, case.name
             continue
-        # The performance model is cycle-exact without stalls.
-        assert result["cycles"] == expected, (case.name, result["cycles"], expected)
+        assert phase.expected_cycles == expected
+        assert result.cycles == expected, (case.name, result.cycles, expected)
         # A tile's first beat leaves 3 cycles after its last word when the stream side idles.
-        assert result["first_beat_cycle"] == case.tiles[0][0] * buffer.words_per_beat + 3
+        first_beat = result.handshakes["beats"][0] - result.handshakes["tiles"][0]
+        assert first_beat == case.tiles[0][0] * buffer.words_per_beat + 3
         fill = [1 + length * buffer.words_per_beat for length, _ in case.tiles]
         stream = [length * replays for length, replays in case.tiles]
         serial = sum(fill) + sum(stream) + 2
         overlapped = fill[0] + sum(max(f, s) for f, s in zip(fill[1:], stream[:-1])) \
             + stream[-1] + 2
-        print(f"{name} {case.name}: {result['cycles']} cycles; fill {sum(fill)} + stream "
+        print(f"{name} {case.name}: {result.cycles} cycles; fill {sum(fill)} + stream "
               f"{sum(stream)} = {serial} serial, {overlapped} with full overlap")
         # Filling overlaps streaming: max(fill, stream) per tile, not their sum.
-        assert result["cycles"] == overlapped
+        assert result.cycles == overlapped
         if case.name == "balanced":
-            assert result["cycles"] < 0.65 * serial
+            assert result.cycles < 0.65 * serial
 
 
 def test_beats_connect_to_the_engine():
@@ -157,4 +162,4 @@ def test_model_and_image_round_trip():
     with pytest.raises(ValueError, match=r"replays must be an integer in 1\.\.65535"):
         buffer.command(1, 0)
     with pytest.raises(ValueError, match="word_bits must be a positive integer, not 0"):
-        WeightBuffer(SMALL, word_bits=0)
+        WeightBuffer(SMALL, tile_beats=16, word_bits=0)
