@@ -21,7 +21,8 @@ from trilut.models.numerics import lane_beats, unpack_lane_beats
 from trilut.hdl.linear.tlmm_engine import TlmmEngine
 from trilut.models import fp16 as fp
 from trilut.models import numerics as nm
-from trilut.sim.tb_row_units import activation_rows
+
+from fp16_rows import activation_rows
 
 pytestmark = pytest.mark.fast
 

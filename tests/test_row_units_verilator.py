@@ -2,14 +2,14 @@
 ``models.fp16``.
 
 Each unit configuration is built once (cached by the hash of its Verilog) and runs all its
-cases in one simulator launch: rows drawn like real activations (normal times a per-row scale
+cases as the phases of one run of the generic testbench (``sim/stream_testbench.py``): rows drawn like real activations (normal times a per-row scale
 spread over decades, some with an outlier channel), the edge rows (an outlier of 3000, +-0,
 +-65504, values straddling fp16's smallest normal, subnormals, quantizer ties), lengths that
-are multiples of neither L nor G*T, and random valid/ready stalls on every stream. One
-stall-free case per configuration checks the measured cycles against ``expected_cycles``.
+are multiples of neither L nor G*T, and random valid/ready stalls on every stream; nothing
+may follow the last beat. One stall-free case per configuration checks the measured cycles
+against ``expected_cycles``.
 """
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,8 +21,10 @@ from trilut.hdl.elementwise.act_quant import ActQuantizer
 from trilut.hdl.elementwise.rmsnorm import RmsNorm
 from trilut.models.numerics import lane_beats, unpack_lane_beats
 from trilut.models import fp16 as fp
-from trilut.sim.runner import run_cocotb
-from trilut.sim.tb_row_units import activation_rows, edge_rows
+from trilut.sim.transport import run_stream_on
+from trilut.transport import StreamPhase, StreamRun
+
+from fp16_rows import activation_rows, edge_rows
 
 pytestmark = pytest.mark.rtl
 
@@ -39,19 +41,17 @@ class RowCase:
     n_out: int = 1                # ActQuantizer: output columns of the matmul it feeds
 
 
-def _hex(beats):
-    return [format(b, "x") for b in beats]
+def _phase(c: RowCase, *, inputs: dict, expected: dict, scalars: dict,
+           expected_cycles: int) -> StreamPhase:
+    return StreamPhase(name=c.name, stall=c.stall, seed=c.seed, scalars=scalars,
+                       inputs=inputs, expected=expected,
+                       expected_cycles=expected_cycles if c.stall == 0.0 else None)
 
 
-def _run(unit, name: str, inputs, outputs, specs, tmp_path: Path) -> list[dict]:
-    cases_file = tmp_path / "cases.json"
-    results_file = tmp_path / "results.json"
-    cases_file.write_text(json.dumps({"inputs": inputs, "outputs": outputs, "cases": specs}))
-    sim = run_cocotb(unit, name=name, test_module="trilut.sim.tb_row_units", run_dir=tmp_path,
-                     env={"TRILUT_ROW_CASES": str(cases_file),
-                          "TRILUT_ROW_RESULTS": str(results_file)})
-    assert sim.failed == 0 and sim.passed == 1
-    return json.loads(results_file.read_text())["cases"]
+def _run(unit, name: str, phases: list[StreamPhase], tmp_path: Path):
+    # Nothing more may come out: no beat duplicated or invented after the last case.
+    return run_stream_on(unit, StreamRun(phases=phases, quiet_cycles=100), name=name,
+                         run_dir=tmp_path)
 
 
 def _cases(rng, unit_lanes: int, block: int) -> list[RowCase]:
@@ -102,24 +102,26 @@ def test_rmsnorm_bit_exact_on_verilator(name, tmp_path):
         cases.append(RowCase(c.name, c.rows, c.stall, c.seed, weights=w))
     rows, w = _order_sensitive_rows(unit, rng, 61)
     cases.insert(-1, RowCase("order-sensitive-n61", rows, 0.3, 99, weights=w))
-    specs = [{
-        "name": c.name, "seed": c.seed, "stall": c.stall, "shapes": {"n": c.rows.shape[1]},
-        "inputs": {"x": _hex(lane_beats(c.rows, unit.lanes)),
-                   "weight": _hex(lane_beats(c.weights, unit.lanes))},
-        "outputs": {"y": c.rows.shape[0] * -(-c.rows.shape[1] // unit.lanes)},
-    } for c in cases]
-    report = _run(unit, f"rmsnorm_{name.lower()}", ["x", "weight"], ["y"], specs, tmp_path)
-    for c, seen in zip(cases, report, strict=True):
+    phases = [_phase(
+        c, scalars={"n": c.rows.shape[1]},
+        inputs={"x": lane_beats(c.rows, unit.lanes), "weight": lane_beats(c.weights, unit.lanes)},
+        expected={"y": lane_beats(unit.model(c.rows, c.weights), unit.lanes)},
+        expected_cycles=unit.expected_cycles(c.rows.shape[1], c.rows.shape[0]),
+    ) for c in cases]
+    # The testbench checks every beat bit for bit (padding lanes too), the silence after the
+    # last case and the stall-free cycles against ``expected_cycles``.
+    report = _run(unit, f"rmsnorm_{name.lower()}", phases, tmp_path)
+    for c, phase, seen in zip(cases, phases, report, strict=True):
         rows_n, n = c.rows.shape
-        got = unpack_lane_beats([int(b, 16) for b in seen["outputs"]["y"]], rows_n, n,
-                                unit.lanes)
+        got = unpack_lane_beats(seen.outputs["y"], rows_n, n, unit.lanes)
         np.testing.assert_array_equal(got, unit.model(c.rows, c.weights), err_msg=c.name)
         expected = unit.expected_cycles(n, rows_n)
         if c.stall == 0.0:
-            print(f"{name} {c.name}: {seen['cycles']} cycles, expected_cycles {expected}")
-            assert seen["cycles"] == expected, c.name
+            print(f"{name} {c.name}: {seen.cycles} cycles, expected_cycles {expected}")
+            assert phase.expected_cycles == expected
+            assert seen.cycles == expected, c.name
         else:
-            assert seen["cycles"] >= expected, c.name
+            assert seen.cycles >= expected, c.name
 
 
 # ---- ActQuantizer ------------------------------------------------------------------------------
@@ -143,25 +145,25 @@ def test_quantizer_bit_exact_on_verilator(name, tmp_path):
     cases = [RowCase(c.name, c.rows, c.stall, c.seed, n_out=n_out)
              for c, n_out in zip(_cases(rng, lanes, cfg.block_k),
                                  (2 * tile + 1, 1, tile + 1, tile, 3 * tile, 2 * tile, tile + 1))]
-    specs, expected = [], []
+    phases = []
     for c in cases:
         beats, absmax = unit.model(c.rows, c.n_out)
-        expected.append((beats, absmax.tolist()))
-        specs.append({
-            "name": c.name, "seed": c.seed, "stall": c.stall,
-            "shapes": {"n": c.rows.shape[1], "tiles": unit.tiles_for(c.n_out)},
-            "inputs": {"x": _hex(lane_beats(c.rows, lanes))},
-            "outputs": {"acts": len(beats), "absmax": c.rows.shape[0]},
-        })
-    report = _run(unit, f"act_quantizer_{name.lower().replace('-', '_')}", ["x"],
-                  ["acts", "absmax"], specs, tmp_path)
-    for c, seen, (beats, absmax) in zip(cases, report, expected, strict=True):
-        assert [int(b, 16) for b in seen["outputs"]["acts"]] == beats, c.name
-        assert [int(b, 16) for b in seen["outputs"]["absmax"]] == absmax, c.name
+        tiles = unit.tiles_for(c.n_out)
+        phases.append(_phase(
+            c, scalars={"n": c.rows.shape[1], "tiles": tiles},
+            inputs={"x": lane_beats(c.rows, lanes)},
+            expected={"acts": beats, "absmax": absmax.tolist()},
+            expected_cycles=unit.expected_cycles(c.rows.shape[1], c.rows.shape[0], tiles)))
+    report = _run(unit, f"act_quantizer_{name.lower().replace('-', '_')}", phases, tmp_path)
+    for c, phase, seen in zip(cases, phases, report, strict=True):
+        beats, absmax = unit.model(c.rows, c.n_out)
+        assert seen.outputs["acts"] == beats, c.name
+        assert seen.outputs["absmax"] == absmax.tolist(), c.name
         cycles = unit.expected_cycles(c.rows.shape[1], c.rows.shape[0], unit.tiles_for(c.n_out))
         if c.stall == 0.0:
-            print(f"{name} {c.name} tiles={unit.tiles_for(c.n_out)}: {seen['cycles']} cycles, "
+            print(f"{name} {c.name} tiles={unit.tiles_for(c.n_out)}: {seen.cycles} cycles, "
                   f"expected_cycles {cycles}")
-            assert seen["cycles"] == cycles, c.name
+            assert phase.expected_cycles == cycles
+            assert seen.cycles == cycles, c.name
         else:
-            assert seen["cycles"] >= cycles, c.name
+            assert seen.cycles >= cycles, c.name
