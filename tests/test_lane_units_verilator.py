@@ -2,12 +2,13 @@
 """The element-wise lane units (``hdl/elementwise/{dequant,activation,residual}.py``) against their models, bit for bit.
 
 Cycle-accurate tier: each unit is built once with Verilator (4 lanes, cached by the hash of
-its Verilog) and runs all its cases in one simulator launch through ``sim/tb_lane_units.py``:
-realistic values, every edge of the fp16 contract (zeros of both signs, subnormals that read
-as zero, the smallest normal, 65504 and the 65520 saturation tie, exponent-31 codes), every
-gate code exhaustively for the activations (the SiLU table's range ends included),
-accumulators at +-2**(acc_width-1), scales that flush or saturate, with random valid/ready
-stalls on every stream. Stall-free cases also check the latency and throughput exactly.
+its Verilog) and runs all its cases as the phases of one run of the generic testbench
+(``sim/stream_testbench.py``): realistic values, every edge of the fp16 contract (zeros of
+both signs, subnormals that read as zero, the smallest normal, 65504 and the 65520
+saturation tie, exponent-31 codes), every gate code exhaustively for the activations (the
+SiLU table's range ends included), accumulators at +-2**(acc_width-1), scales that flush or
+saturate, with random valid/ready stalls on every stream; nothing may follow the last beat.
+Stall-free cases also check the latency, the throughput and the cycles exactly.
 
 Fast tier (amaranth.sim, a few seconds): a couple of hundred beats per unit with stalls, the
 connection to the TLMM engine's ``results``, and parameter checks.
@@ -15,8 +16,8 @@ connection to the TLMM engine's ``results``, and parameter checks.
 
 from __future__ import annotations
 
-import json
 import random
+from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
@@ -31,7 +32,8 @@ from trilut.hdl.elementwise.lanes import lane_signature
 from trilut.hdl.elementwise.residual import ResidualAdd
 from trilut.hdl.linear.tlmm_engine import TlmmEngine
 from trilut.models import fp16 as fp
-from trilut.sim.runner import run_cocotb
+from trilut.sim.transport import run_stream_on
+from trilut.transport import PhaseResult, StreamPhase, StreamRun
 
 pytestmark = pytest.mark.rtl
 
@@ -97,16 +99,27 @@ def _crossed(codes) -> tuple[np.ndarray, np.ndarray]:
 
 
 # --------------------------------------------------------------------------------------------
-# Cases, as the testbench reads them: register inputs, each input stream's beats, the expected
-# output beats (ints, written as hex), a stall probability and a seed.
+# Cases, each one phase of the generic testbench: held inputs, each input stream's beats, the
+# expected output beats, a stall probability and a seed, and the stall-free cycles.
 
 
-def _case(name, streams: dict, expected: list[int], *, stall=0.0, seed=0, ports=None):
-    return {
-        "name": name, "ports": ports or {}, "stall": stall, "seed": seed,
-        "streams": {s: [format(int(b), "x") for b in beats] for s, beats in streams.items()},
-        "expected": [format(int(b), "x") for b in expected],
-    }
+@dataclass(frozen=True)
+class LaneCase:
+    name: str
+    streams: dict[str, list[int]]
+    expected: list[int]
+    stall: float = 0.0
+    seed: int = 0
+    ports: dict[str, int] = field(default_factory=dict)
+    #: First input beat taken .. last output beat, inclusive, when nothing stalls.
+    cycles: int | None = None
+
+
+def _case(name, streams: dict, expected: list[int], *, stall=0.0, seed=0, ports=None,
+          cycles=None) -> LaneCase:
+    return LaneCase(name, {s: [int(b) for b in beats] for s, beats in streams.items()},
+                    [int(b) for b in expected], stall, seed, ports or {},
+                    cycles if stall == 0.0 else None)
 
 
 def _binary_cases(dut, a_name: str, b_name: str, seed: int, exhaustive_a: bool):
@@ -115,8 +128,9 @@ def _binary_cases(dut, a_name: str, b_name: str, seed: int, exhaustive_a: bool):
 
     def case(name, a, b, **kw):
         a, b = np.asarray(a, np.uint16), np.asarray(b, np.uint16)
+        # One beat a cycle in, each out ``latency`` edges after it.
         return _case(name, {a_name: _beats(a, 16), b_name: _beats(b, 16)},
-                     _beats(dut.model(a, b), 16), **kw)
+                     _beats(dut.model(a, b), 16), cycles=a.size // LANES + dut.latency, **kw)
 
     cases = []
     # Stall-free first: latency and one beat per cycle.
@@ -157,9 +171,11 @@ def _dequantizer_cases(dut: Dequantizer):
     def case(name, acc, absmax, w_code, **kw):
         acc = np.asarray(acc, np.int64)
         absmax = np.asarray(absmax, np.uint16)
+        rows, groups = acc.shape[0], acc.shape[1] // LANES
         return _case(name, {"acc": _beats(acc, aw), "absmax": absmax},
                      _beats(dut.model(acc, absmax, w_code), 16),
-                     ports={"weight_scale": w_code, "n_groups": acc.shape[1] // LANES}, **kw)
+                     ports={"weight_scale": w_code, "n_groups": groups},
+                     cycles=dut.expected_cycles(rows, groups), **kw)
 
     def spread_acc(rows, groups):
         """Random accumulators with magnitudes spread over every binade, and the extremes."""
@@ -236,8 +252,10 @@ def _scale_cases(dut: DequantScale):
              0xFFFF], extra,
             rng.permutation(ties)[:30], rng.permutation(remainder_only)[:30],
             rng.integers(0, 1 << 16, 120)]).astype(np.uint16)
+        # One absmax every ``interval`` cycles, each scale out ``latency + 1`` edges after.
         return _case(name, {"absmax": absmax}, dut.model(absmax, w_code),
-                     ports={"weight_scale": w_code}, **kw)
+                     ports={"weight_scale": w_code},
+                     cycles=(absmax.size - 1) * dut.interval + dut.latency + 2, **kw)
 
     return [
         case("w-0.016-no-stall", _fp32(0.016)),
@@ -259,77 +277,79 @@ def _scale_cases(dut: DequantScale):
     ]
 
 
-def _run(dut, name: str, inputs: list[str], output: str, cases: list[dict], tmp_path,
-         lane_width: int | None = 16):
-    cases_file, results_file = tmp_path / "cases.json", tmp_path / "results.json"
-    cases_file.write_text(json.dumps({"inputs": inputs, "output": output, "cases": cases}))
-    sim = run_cocotb(dut, name=name, test_module="trilut.sim.tb_lane_units", run_dir=tmp_path,
-                     env={"TRILUT_LANE_CASES": str(cases_file),
-                          "TRILUT_LANE_RESULTS": str(results_file)})
-    assert sim.failed == 0 and sim.passed == 1
-    results = json.loads(results_file.read_text())
-    assert results["extra_beats"] == 0
-    for case, seen in zip(cases, results["cases"], strict=True):
-        got = [int(b, 16) for b in seen["got"]]
-        expected = [int(b, 16) for b in case["expected"]]
+def _run(dut, name: str, output: str, cases: list[LaneCase], tmp_path,
+         lane_width: int | None = 16) -> list[PhaseResult]:
+    """All cases as the phases of one run; the testbench checks every output beat bit for
+    bit, the silence after the last one and the stall-free cycles."""
+    run = StreamRun(phases=[StreamPhase(
+        name=c.name, inputs=c.streams, expected={output: c.expected}, scalars=c.ports,
+        stall=c.stall, seed=c.seed, expected_cycles=c.cycles) for c in cases])
+    seen = run_stream_on(dut, run, name=name, run_dir=tmp_path)
+    for case, result in zip(cases, seen, strict=True):
+        got = result.outputs[output]
         if lane_width:
             np.testing.assert_array_equal(_unpack(got, lane_width),
-                                          _unpack(expected, lane_width), err_msg=case["name"])
-        assert got == expected, case["name"]
-    return results["cases"]
+                                          _unpack(case.expected, lane_width), err_msg=case.name)
+        assert got == case.expected, case.name
+        if case.cycles is not None:
+            assert result.cycles == case.cycles, case.name
+    return seen
 
 
 @pytest.mark.parametrize("activation", ["relu2", "silu"])
 def test_gated_activation_bit_exact_on_verilator(activation, tmp_path):
     dut = GatedActivation(lanes=LANES, activation=activation)
     cases = _binary_cases(dut, "gate", "up", seed=3, exhaustive_a=True)
-    seen = _run(dut, f"gated_{activation}", ["gate", "up"], "y", cases, tmp_path)
+    seen = _run(dut, f"gated_{activation}", "y", cases, tmp_path)
     _check_latency(seen[0], ["gate", "up"], dut.latency)
 
 
 def test_residual_add_bit_exact_on_verilator(tmp_path):
     dut = ResidualAdd(lanes=LANES)
     cases = _binary_cases(dut, "residual", "update", seed=5, exhaustive_a=False)
-    seen = _run(dut, "residual_add", ["residual", "update"], "y", cases, tmp_path)
+    seen = _run(dut, "residual_add", "y", cases, tmp_path)
     _check_latency(seen[0], ["residual", "update"], dut.latency)
 
 
-def _check_latency(seen: dict, inputs: list[str], latency: int) -> None:
+def _check_latency(seen: PhaseResult, inputs: list[str], latency: int) -> None:
     """Stall-free: one beat per cycle in, each out exactly ``latency`` edges later."""
-    ins = [np.array(seen["in_cycles"][name]) for name in inputs]
-    out = np.array(seen["out_cycles"])
+    ins = [np.array(seen.handshakes[name]) for name in inputs]
+    out = np.array(seen.handshakes["y"])
     for cycles in ins:
         np.testing.assert_array_equal(cycles, ins[0])
     assert np.all(np.diff(ins[0]) == 1), "inputs not taken one beat per cycle"
     np.testing.assert_array_equal(out - ins[0], latency)
+    assert seen.cycles == len(ins[0]) + latency
 
 
 def test_dequantizer_bit_exact_on_verilator(tmp_path):
     dut = Dequantizer(ENGINE)
     assert dut.acc_width == 22
     cases = _dequantizer_cases(dut)
-    seen = _run(dut, "dequantizer", ["acc", "absmax"], "y", cases, tmp_path)
+    seen = _run(dut, "dequantizer", "y", cases, tmp_path)
     # Stall-free, 24 groups a row: the scale of the next row is ready in time, so the rows
     # stream at one beat per cycle and the whole run takes exactly expected_cycles.
     first = seen[0]
     rows, groups = 20, 24
-    acc_in, out = np.array(first["in_cycles"]["acc"]), np.array(first["out_cycles"])
+    acc_in, out = np.array(first.handshakes["acc"]), np.array(first.handshakes["y"])
     assert np.all(np.diff(acc_in) == 1)
     np.testing.assert_array_equal(out - acc_in, dut.latency)
-    absmax_in = first["in_cycles"]["absmax"]
+    absmax_in = first.handshakes["absmax"]
+    assert absmax_in[0] == 0                # the absmax is taken first: cycles count from it
     assert acc_in[0] - absmax_in[0] == dut.scale_latency
-    assert out[-1] - absmax_in[0] + 1 == dut.expected_cycles(rows, groups)
-    short = next(c for c in seen if c["name"] == "short-rows-no-stall")
-    assert (short["out_cycles"][-1] - short["in_cycles"]["absmax"][0] + 1
-            == dut.expected_cycles(10, 3))
+    assert first.cycles == out[-1] - absmax_in[0] + 1 == dut.expected_cycles(rows, groups)
+    short = next(r for r in seen if r.name == "short-rows-no-stall")
+    assert short.cycles == dut.expected_cycles(10, 3)
+    # Every stall-free case, short rows and one-row cases too, takes exactly expected_cycles.
+    assert sum(c.cycles is not None for c in cases) == 4
 
 
 def test_dequant_scale_bit_exact_on_verilator(tmp_path):
     dut = DequantScale()
-    seen = _run(dut, "dequant_scale", ["absmax"], "scale", _scale_cases(dut), tmp_path,
-                lane_width=None)
+    seen = _run(dut, "dequant_scale", "scale", _scale_cases(dut), tmp_path, lane_width=None)
     # Stall-free: one row every `interval` cycles, each scale out `latency + 1` edges after.
-    absmax_in, out = np.array(seen[0]["in_cycles"]["absmax"]), np.array(seen[0]["out_cycles"])
+    absmax_in = np.array(seen[0].handshakes["absmax"])
+    out = np.array(seen[0].handshakes["scale"])
     assert np.all(np.diff(absmax_in) == dut.interval)
     np.testing.assert_array_equal(out - absmax_in, dut.latency + 1)
 
