@@ -1,9 +1,9 @@
-"""A simulation-only DDR memory behind an AXI4 read port, written in Amaranth.
+"""A simulation-only DDR memory behind an AXI4 read port and an optional write port, in Amaranth.
 
 :class:`DdrModel` runs inside the simulated design (Verilator), so a memory-bound simulation
 costs no Python per cycle: the testbench preloads the image once through the backdoor ``load``
 stream and then only exchanges commands and data. :class:`DdrHarness` wires any block
-with an AXI4 read port (``axi``) to a :class:`DdrModel` for testbenches.
+with an AXI4 read port and/or an AXI4 write port to a :class:`DdrModel` for testbenches.
 
 The model is DDR4 as a (fixed latency, sustained bandwidth) pair, the two numbers a streaming
 accelerator's performance depends on. It does not model banks, row hits and misses, refresh,
@@ -18,10 +18,12 @@ from amaranth.lib import data, fifo, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from trilut.hdl.memory.axi import (AXI4_MAX_BURST, BURST_INCR, PAGE_BYTES, RESP_OKAY, AxiReadMaster,
-                            AxiReadSignature, check_axi_widths)
+from trilut.hdl.memory.axi import (AXI4_MAX_BURST, BURST_INCR, PAGE_BYTES, RESP_OKAY,
+                                   AxiReadMaster, AxiReadSignature, check_axi_widths)
+from trilut.hdl.memory.axi_write import AxiWriteSignature
 
-__all__ = ["VIOLATION_LAYOUT", "DdrModel", "DdrHarness", "DdrReadHarness"]
+__all__ = ["VIOLATION_LAYOUT", "WRITE_VIOLATION_LAYOUT", "DdrModel", "DdrHarness",
+           "DdrReadHarness"]
 
 #: Sticky flags of AXI4 rules broken by a master, one bit each.
 VIOLATION_LAYOUT = data.StructLayout({
@@ -29,6 +31,13 @@ VIOLATION_LAYOUT = data.StructLayout({
     "wrong_size": 1,    # arsize was not the full data width
     "unaligned": 1,     # araddr not aligned to a beat
     "crosses_4k": 1,    # the burst crosses a 4 KiB boundary (AXI4 A3.4.1)
+})
+
+#: Sticky flags of AXI4 rules broken on the write port: the burst rules of the read port, and
+#: ``wlast`` high before a burst's last beat or low on it.
+WRITE_VIOLATION_LAYOUT = data.StructLayout({
+    "not_incr": 1, "wrong_size": 1, "unaligned": 1, "crosses_4k": 1,
+    "wlast": 1,
 })
 
 # A free-running cycle counter stamps each AR with the cycle its data is due; entries are
@@ -61,6 +70,20 @@ class DdrModel(wiring.Component):
       cycle ``ceil((n * window + 1) / beats_per_window) - 1`` after the first
       (``AxiReadMaster.beat_cycles``).
 
+    With ``write=True`` it is also an AXI4 write slave (``axi_w``, ``AxiWriteSignature``
+    flipped) into the same words, with a read-back port for testbenches and the host:
+
+    * AWs wait in a queue of ``ar_queue_depth``; W beats are taken only for the burst at the
+      head (``wready`` waits for its AW, as AXI allows), at most ``beats_per_window`` per
+      ``window`` cycles from a token bucket of its own (reads and writes do not share
+      bandwidth in this model: a simplification, docs/memory.md), each written with its
+      ``wstrb`` byte enables. The burst's B (OKAY, ``bid`` = ``awid``) is offered
+      ``b_latency`` cycles after its last W beat, in order.
+    * ``write_violations`` out: sticky flags (:data:`WRITE_VIOLATION_LAYOUT`).
+    * ``peek`` in (``word_addr``) / ``peek_data`` out: read any word back (one per cycle,
+      ``peek_data`` registered, holding under backpressure). A read of a word written in the
+      same cycle returns the old word.
+
     Up to ``ar_queue_depth`` ARs wait in a queue (``arready`` is low when it is full), each
     stamped with the cycle its data is due. Bursts are answered strictly in order (one ID
     order, as AXI requires for equal IDs), back to back without a gap; ``rid`` echoes
@@ -70,7 +93,8 @@ class DdrModel(wiring.Component):
 
     def __init__(self, *, depth: int, data_width: int = 128, addr_width: int = 40,
                  id_width: int = 0, latency: int = 20, beats_per_window: int = 1,
-                 window: int = 1, ar_queue_depth: int = 8):
+                 window: int = 1, ar_queue_depth: int = 8, write: bool = False,
+                 b_latency: int = 2):
         check_axi_widths(data_width=data_width, addr_width=addr_width, id_width=id_width)
         if not (isinstance(depth, int) and depth >= 2 and depth & (depth - 1) == 0):
             raise ValueError(f"depth must be a power of two of at least 2 words, not {depth!r}")
@@ -88,6 +112,11 @@ class DdrModel(wiring.Component):
         if not (isinstance(ar_queue_depth, int) and ar_queue_depth >= 1):
             raise ValueError(f"ar_queue_depth must be a positive integer, "
                              f"not {ar_queue_depth!r}")
+        if write and not (isinstance(b_latency, int) and 1 <= b_latency < 2 ** (_TIME_WIDTH - 1)):
+            raise ValueError(f"b_latency must be an integer of at least 1 cycle, "
+                             f"not {b_latency!r}")
+        self.write = write
+        self.b_latency = b_latency
         self.depth = depth
         self.data_width = data_width
         self.addr_width = addr_width
@@ -102,14 +131,23 @@ class DdrModel(wiring.Component):
             "word_addr": unsigned(self.word_addr_width),
             "data": unsigned(data_width),
         })
-        super().__init__({
+        members = {
             "axi": In(AxiReadSignature(data_width=data_width, addr_width=addr_width,
                                        id_width=id_width)),
             # Not ``always_ready``: a constant ready cannot become a top-level Verilog port,
             # and this stream often is one (the testbench preloads through it).
             "load": In(stream.Signature(self.load_layout)),
             "violations": Out(VIOLATION_LAYOUT),
-        })
+        }
+        if write:
+            members.update({
+                "axi_w": In(AxiWriteSignature(data_width=data_width, addr_width=addr_width,
+                                              id_width=id_width)),
+                "write_violations": Out(WRITE_VIOLATION_LAYOUT),
+                "peek": In(stream.Signature(unsigned(self.word_addr_width))),
+                "peek_data": Out(stream.Signature(data_width)),
+            })
+        super().__init__(members)
 
     @property
     def beats_per_cycle(self) -> float:
@@ -162,18 +200,8 @@ class DdrModel(wiring.Component):
         if self.id_width:
             m.d.comb += pushed.id.eq(ar.arid)
 
-        ar_take = ar.arvalid & ar.arready
-        end_byte = ar.araddr[:12] + ((ar.arlen + 1) << size)
-        with m.If(ar_take):
-            with m.If(ar.arburst != BURST_INCR):
-                m.d.sync += self.violations.not_incr.eq(1)
-            with m.If(ar.arsize != size):
-                m.d.sync += self.violations.wrong_size.eq(1)
-            if size:
-                with m.If(ar.araddr[:size] != 0):
-                    m.d.sync += self.violations.unaligned.eq(1)
-            with m.If(end_byte > PAGE_BYTES):
-                m.d.sync += self.violations.crosses_4k.eq(1)
+        _check_burst(m, self.violations, take=ar.arvalid & ar.arready, addr=ar.araddr,
+                     length=ar.arlen, size=ar.arsize, burst=ar.arburst, full_size=size)
 
         head = data.View(entry, queue.r_data)
         since_due = Signal(_TIME_WIDTH)
@@ -218,53 +246,164 @@ class DdrModel(wiring.Component):
             if self.id_width:
                 m.d.sync += r.rid.eq(src_id)
         m.d.comb += [r.rdata.eq(read.data), r.rresp.eq(RESP_OKAY)]
+        if self.write:
+            self._elaborate_write(m, storage, now)
         return m
+
+    def _elaborate_write(self, m: Module, storage: Memory, now: Signal) -> None:
+        aw, w, bch = self.axi_w.aw, self.axi_w.w, self.axi_w.b
+        size = (self.bytes_per_word - 1).bit_length()
+        b, win = self.beats_per_window, self.window
+
+        entry = data.StructLayout({
+            "word": unsigned(self.word_addr_width),
+            "len": unsigned(8),
+            "id": unsigned(max(1, self.id_width)),
+        })
+        m.submodules.aw_queue = queue = fifo.SyncFIFO(width=entry.size,
+                                                      depth=self.ar_queue_depth)
+        pushed = Signal(entry)
+        m.d.comb += [
+            pushed.word.eq(aw.awaddr[size:size + self.word_addr_width]),
+            pushed.len.eq(aw.awlen),
+            queue.w_data.eq(pushed),
+            queue.w_en.eq(aw.awvalid),
+            aw.awready.eq(queue.w_rdy),
+        ]
+        if self.id_width:
+            m.d.comb += pushed.id.eq(aw.awid)
+        _check_burst(m, self.write_violations, take=aw.awvalid & aw.awready, addr=aw.awaddr,
+                     length=aw.awlen, size=aw.awsize, burst=aw.awburst, full_size=size)
+
+        # ---- W beats of the head burst, at the write rate -----------------------------------
+        head = data.View(entry, queue.r_data)
+        beat = Signal(8)
+        cap = win + b - 1
+        tokens = Signal(range(cap + 1), init=cap)
+        port = storage.write_port(granularity=8)
+        m.d.comb += w.wready.eq(queue.r_rdy & (tokens >= win))
+        w_take = w.wvalid & w.wready
+        at_end = beat == head.len
+        m.d.comb += [
+            port.addr.eq(head.word + beat),
+            port.data.eq(w.wdata),
+            port.en.eq(Mux(w_take, w.wstrb, 0)),
+            queue.r_en.eq(w_take & at_end),
+        ]
+        with m.If(w_take):
+            m.d.sync += beat.eq(Mux(at_end, 0, beat + 1))
+            with m.If(w.wlast != at_end):
+                m.d.sync += self.write_violations.wlast.eq(1)
+        refill = Signal(range(cap + b + 1))
+        m.d.comb += refill.eq(tokens - Mux(w_take, win, 0) + b)
+        m.d.sync += tokens.eq(Mux(refill > cap, cap, refill))
+
+        # ---- B: one response per burst, b_latency cycles after its last beat ---------------
+        response = data.StructLayout({"id": unsigned(max(1, self.id_width)),
+                                      "due": unsigned(_TIME_WIDTH)})
+        m.submodules.b_queue = b_queue = fifo.SyncFIFO(width=response.size,
+                                                       depth=self.ar_queue_depth)
+        due = Signal(response)
+        m.d.comb += [due.id.eq(head.id), due.due.eq(now + self.b_latency),
+                     b_queue.w_data.eq(due), b_queue.w_en.eq(w_take & at_end)]
+        b_head = data.View(response, b_queue.r_data)
+        since_due = Signal(_TIME_WIDTH)
+        m.d.comb += since_due.eq(now - b_head.due)
+        m.d.comb += [bch.bvalid.eq(b_queue.r_rdy & ~since_due[-1]), bch.bresp.eq(RESP_OKAY),
+                     b_queue.r_en.eq(bch.bvalid & bch.bready)]
+        if self.id_width:
+            m.d.comb += bch.bid.eq(b_head.id)
+
+        # ---- read-back ------------------------------------------------------------------------
+        peek = storage.read_port()
+        advance = ~self.peek_data.valid | self.peek_data.ready
+        m.d.comb += [peek.addr.eq(self.peek.payload), peek.en.eq(advance),
+                     self.peek.ready.eq(advance), self.peek_data.payload.eq(peek.data)]
+        with m.If(advance):
+            m.d.sync += self.peek_data.valid.eq(self.peek.valid)
+
+
+def _check_burst(m: Module, flags, *, take, addr, length, size, burst, full_size: int) -> None:
+    """Set ``flags``' burst-rule bits for an address handshake (``take``): not INCR, not the
+    full data width, unaligned, crossing 4 KiB (AXI4 A3.4.1)."""
+    end_byte = addr[:12] + ((length + 1) << full_size)
+    with m.If(take):
+        with m.If(burst != BURST_INCR):
+            m.d.sync += flags.not_incr.eq(1)
+        with m.If(size != full_size):
+            m.d.sync += flags.wrong_size.eq(1)
+        if full_size:
+            with m.If(addr[:full_size] != 0):
+                m.d.sync += flags.unaligned.eq(1)
+        with m.If(end_byte > PAGE_BYTES):
+            m.d.sync += flags.crosses_4k.eq(1)
 
 
 class DdrHarness(wiring.Component):
-    """Simulation top: any block with an ``axi`` read port, reading a :class:`DdrModel`.
+    """Simulation top: any block with an AXI4 read port and/or an AXI4 write port (members
+    whose signature is an ``AxiReadSignature`` / ``AxiWriteSignature``), on a :class:`DdrModel`.
 
-    Every member of the block's signature but ``axi`` becomes a top-level port of the same
-    name and direction (streams stay streams, held inputs stay held inputs), and the harness
-    adds:
+    Every other member of the block's signature becomes a top-level port of the same name and
+    direction (streams stay streams, held inputs stay held inputs), and the harness adds:
 
     * ``load`` in: the DDR model's backdoor (``word_addr``, ``data``; ``ready`` always high).
-    * ``violations`` out: the DDR model's sticky AXI4 rule flags.
-    * ``ar_monitor`` out: ``valid`` and ``payload`` (``addr``, ``len`` = ``arlen``) only, a
+    * with a read port: ``violations`` out, the DDR model's sticky AXI4 rule flags;
+      ``ar_monitor`` out: ``valid`` and ``payload`` (``addr``, ``len`` = ``arlen``) only, a
       stream without ``ready`` (it cannot be stalled): one beat per AR handshake, so a
-      testbench can check every burst. (An ``always_ready`` stream would not do: its constant
-      ``ready`` cannot be a top-level port.)
-    * ``r_stalled`` out: sticky, high once ``rvalid`` was high with ``rready`` low (a master
-      whose credits promise that this never happens breaks that promise).
+      testbench can check every burst (an ``always_ready`` stream would not do: its constant
+      ``ready`` cannot be a top-level port); ``r_stalled`` out: sticky, high once ``rvalid``
+      was high with ``rready`` low (a master whose credits promise that this never happens
+      breaks that promise).
+    * with a write port (``ddr`` built with ``write=True``): ``write_violations`` out, and
+      ``peek`` / ``peek_data``, the model's read-back port.
 
     ``block`` and ``ddr`` are the two components, for their models and parameters.
     """
 
     def __init__(self, block: wiring.Component, ddr: DdrModel):
-        if "axi" not in block.signature.members:
-            raise ValueError(f"{type(block).__name__} has no 'axi' member to connect a DDR to")
+        members = block.signature.members
+        reads = [n for n, mb in members.items()
+                 if not mb.is_port and isinstance(mb.signature, AxiReadSignature)]
+        writes = [n for n, mb in members.items()
+                  if not mb.is_port and isinstance(mb.signature, AxiWriteSignature)]
+        if len(reads) > 1 or len(writes) > 1:
+            raise ValueError(f"{type(block).__name__} has {len(reads)} AXI read and "
+                             f"{len(writes)} write ports; the DDR model serves one of each")
+        if not reads and not writes:
+            raise ValueError(f"{type(block).__name__} has no AXI4 port to connect a DDR to")
+        if writes and not ddr.write:
+            raise ValueError(f"{type(block).__name__} writes over AXI ({writes[0]!r}): build "
+                             "the DdrModel with write=True")
         self.block = block
         self.ddr = ddr
-        self._forwarded = {name: member for name, member in block.signature.members.items()
-                           if name != "axi"}
-        addr_width = len(block.axi.ar.araddr)
-        super().__init__({
-            **self._forwarded,
-            "load": In(ddr.load.signature.flip()),
-            "violations": Out(VIOLATION_LAYOUT),
-            "ar_monitor": Out(wiring.Signature({
-                "valid": Out(1),
-                "payload": Out(data.StructLayout({"addr": unsigned(addr_width),
-                                                  "len": unsigned(8)})),
-            })),
-            "r_stalled": Out(1),
-        })
+        self._read = reads[0] if reads else None
+        self._write = writes[0] if writes else None
+        self._forwarded = {name: member for name, member in members.items()
+                           if name not in (self._read, self._write)}
+        ports = {**self._forwarded, "load": In(ddr.load.signature.flip())}
+        if self._read:
+            addr_width = len(getattr(block, self._read).ar.araddr)
+            ports.update({
+                "violations": Out(VIOLATION_LAYOUT),
+                "ar_monitor": Out(wiring.Signature({
+                    "valid": Out(1),
+                    "payload": Out(data.StructLayout({"addr": unsigned(addr_width),
+                                                      "len": unsigned(8)})),
+                })),
+                "r_stalled": Out(1),
+            })
+        if self._write:
+            ports.update({
+                "write_violations": Out(WRITE_VIOLATION_LAYOUT),
+                "peek": In(ddr.peek.signature.flip()),
+                "peek_data": Out(ddr.peek_data.signature),
+            })
+        super().__init__(ports)
 
     def elaborate(self, platform):
         m = Module()
         m.submodules.block = block = self.block
         m.submodules.ddr = ddr = self.ddr
-        wiring.connect(m, block.axi, ddr.axi)
         wiring.connect(m, wiring.flipped(self.load), ddr.load)
         for name, member in self._forwarded.items():
             outer, inner = getattr(self, name), getattr(block, name)
@@ -274,15 +413,26 @@ class DdrHarness(wiring.Component):
                 wiring.connect(m, wiring.flipped(outer), inner)
             else:
                 wiring.connect(m, inner, wiring.flipped(outer))
-        ar, r = block.axi.ar, block.axi.r
-        m.d.comb += [
-            self.ar_monitor.valid.eq(ar.arvalid & ar.arready),
-            self.ar_monitor.payload.addr.eq(ar.araddr),
-            self.ar_monitor.payload.len.eq(ar.arlen),
-            self.violations.eq(ddr.violations),
-        ]
-        with m.If(r.rvalid & ~r.rready):
-            m.d.sync += self.r_stalled.eq(1)
+        if self._read:
+            port = getattr(block, self._read)
+            wiring.connect(m, port, ddr.axi)
+            ar, r = port.ar, port.r
+            m.d.comb += [
+                self.ar_monitor.valid.eq(ar.arvalid & ar.arready),
+                self.ar_monitor.payload.addr.eq(ar.araddr),
+                self.ar_monitor.payload.len.eq(ar.arlen),
+                self.violations.eq(ddr.violations),
+            ]
+            with m.If(r.rvalid & ~r.rready):
+                m.d.sync += self.r_stalled.eq(1)
+        else:
+            # An unused read port: no requests, data never taken.
+            m.d.comb += ddr.axi.ar.arvalid.eq(0)
+        if self._write:
+            wiring.connect(m, getattr(block, self._write), ddr.axi_w)
+            wiring.connect(m, wiring.flipped(self.peek), ddr.peek)
+            wiring.connect(m, ddr.peek_data, wiring.flipped(self.peek_data))
+            m.d.comb += self.write_violations.eq(ddr.write_violations)
         return m
 
 
