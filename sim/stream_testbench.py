@@ -39,6 +39,10 @@ def _set_scalars(dut, scalars: dict) -> None:
         getattr(dut, name).value = value
 
 
+def _beats(count: int) -> str:
+    return f"{count} beat" + ("s" if count != 1 else "")
+
+
 async def _silence(dut, sinks: dict, taken: dict, cycles: int) -> dict:
     """Release every output's backpressure for ``cycles`` cycles; return how many beats each
     output carried beyond the ``taken`` ones expected so far (before or during the wait),
@@ -149,7 +153,7 @@ async def stream_run(dut):
 
         if phase.get("settle_cycles"):
             extra = await _silence(dut, sinks, taken, phase["settle_cycles"])
-            problems += [f"{name}: {n}: {count} beats after the last expected one"
+            problems += [f"{name}: {n}: {_beats(count)} after the last expected one"
                          for n, count in extra.items()]
         if phase.get("flags"):
             entry["flags"] = {flag: int(getattr(dut, flag).value) for flag in phase["flags"]}
@@ -160,7 +164,7 @@ async def stream_run(dut):
     if not stuck:
         last = phases[-1]["name"]
         extra = await _silence(dut, sinks, taken, run["quiet_cycles"])
-        problems += [f"{last}: {n}: {count} beats after the last expected one"
+        problems += [f"{last}: {n}: {_beats(count)} after the last expected one"
                      for n, count in extra.items()]
     flags = {flag: int(getattr(dut, flag).value) for flag in run["clean_flags"]}
     problems += [f"{flag} = {value:#x} at the end, expected 0"
