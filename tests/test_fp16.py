@@ -6,6 +6,9 @@ among a sorted list of all numbers with an 11-bit significand (any exponent), th
 neighbour wins and a tie goes to the even significand; then the flush and saturation rules
 apply. numpy's float16 (IEEE, correctly rounded: float32 arithmetic then one rounding is
 innocuous for 24 >= 2*11 + 2) checks the normal range once more.
+
+Tiers: every test is ``fast`` except the one Verilator run (``rtl``); the file holds both,
+so each test carries its mark rather than a module-wide ``pytestmark``.
 """
 
 import json
@@ -94,6 +97,7 @@ def _pairs(rng, per_code=48):
 # --------------------------------------------------------------------------------------------
 # Models against the references.
 
+@pytest.mark.fast
 def test_decode_and_from_float_round_trip_every_code():
     codes = _all_codes()
     values = fp.fp16_to_float(codes)
@@ -108,6 +112,7 @@ def test_decode_and_from_float_round_trip_every_code():
                                   (codes[~finite] & 0x8000) | 0x7BFF)
 
 
+@pytest.mark.fast
 def test_from_float_matches_the_search_reference():
     rng = np.random.default_rng(1)
     x = np.concatenate([
@@ -122,6 +127,7 @@ def test_from_float_matches_the_search_reference():
 
 @pytest.mark.parametrize("op, exact, numpy_op", [
     (fp.fp16_add, np.add, np.add), (fp.fp16_mul, np.multiply, np.multiply)])
+@pytest.mark.fast
 def test_add_mul_every_code_against_the_references(op, exact, numpy_op):
     a, b = _pairs(np.random.default_rng(2))
     got = op(a, b)
@@ -143,6 +149,7 @@ def test_add_mul_every_code_against_the_references(op, exact, numpy_op):
     np.testing.assert_array_equal(got[normal], ref16.view(np.uint16)[normal])
 
 
+@pytest.mark.fast
 def test_int_to_fp16_against_the_reference():
     rng = np.random.default_rng(3)
     n = np.concatenate([np.arange(-70_000, 70_001), rng.integers(-(1 << 21), 1 << 21, 100_000),
@@ -175,10 +182,12 @@ EDGE_CASES = [
 
 
 @pytest.mark.parametrize("op, a, b, expected", EDGE_CASES)
+@pytest.mark.fast
 def test_edge_cases(op, a, b, expected):
     assert int(op(np.uint16(a), np.uint16(b))) == expected
 
 
+@pytest.mark.fast
 def test_from_float_boundaries():
     cases = {
         65519.99: 0x7BFF, 65520.0: 0x7BFF, 1e10: 0x7BFF, -1e10: 0xFBFF,
@@ -193,6 +202,7 @@ def test_from_float_boundaries():
         fp.fp16_from_float(np.inf)
 
 
+@pytest.mark.fast
 def test_fp32_rounding_matches_numpy_float32_in_the_normal_range():
     rng = np.random.default_rng(4)
     x = rng.standard_normal(200_000) * np.exp2(rng.uniform(-120, 120, 200_000))
@@ -218,6 +228,7 @@ def _generic_sum_of_squares(x, partials=1):
 
 
 @pytest.mark.parametrize("partials", [1, 3, 16])
+@pytest.mark.fast
 def test_sum_of_squares_fast_path_is_the_fixed_order_fp32_sum(partials):
     rng = np.random.default_rng(5)
     x = fp.FP16.round(rng.standard_normal((8, 300)) * np.exp2(rng.integers(-10, 12, (8, 1))))
@@ -228,6 +239,7 @@ def test_sum_of_squares_fast_path_is_the_fixed_order_fp32_sum(partials):
     assert fp.ElementwiseArithmetic(big).sum_of_squares(y)[0] == fp.FP32.max_value
 
 
+@pytest.mark.fast
 def test_rsqrt_accuracy_and_exact_powers_of_four():
     rng = np.random.default_rng(6)
     v = fp.FP32.round(np.exp2(rng.uniform(-60, 60, 100_000)))
@@ -239,6 +251,7 @@ def test_rsqrt_accuracy_and_exact_powers_of_four():
     np.testing.assert_allclose(r, [1.0, 0.5, 2.0, 2.0 ** 20], rtol=2 ** -16)
 
 
+@pytest.mark.fast
 def test_quantize_int8_agrees_with_the_golden_quantizer():
     rng = np.random.default_rng(7)
     x = fp.fp16_from_float(rng.standard_normal((64, 256)) * 3)
@@ -269,6 +282,7 @@ def _round_fraction(exact: Fraction, precision: int) -> Fraction:
     return n * Fraction(2) ** (e - precision + 1)
 
 
+@pytest.mark.fast
 def test_dequant_scale_is_correctly_rounded():
     rng = np.random.default_rng(8)
     absmax = fp.fp16_from_float(np.exp2(rng.uniform(-8, 12, 2000)))
@@ -278,6 +292,7 @@ def test_dequant_scale_is_correctly_rounded():
         assert Fraction(g) == _round_fraction(Fraction(a) * Fraction(ws) / 127, 24)
 
 
+@pytest.mark.fast
 def test_dequantize_rounds_the_exact_product_once():
     acc = np.array([0, 1, -1, 2 ** 21 - 1, -(2 ** 21), 12345, -777])
     scale = fp.fp32_from_float(np.array([1.2345e-3]))
@@ -286,6 +301,7 @@ def test_dequantize_rounds_the_exact_product_once():
     np.testing.assert_array_equal(got, reference_round16(exact))
 
 
+@pytest.mark.fast
 def test_rmsnorm_close_to_the_golden_float32_norm():
     from trilut.models.bitnet import RMSNorm
 
@@ -300,6 +316,7 @@ def test_rmsnorm_close_to_the_golden_float32_norm():
     np.testing.assert_allclose(got, ref, rtol=2 ** -9.9, atol=MIN16)
 
 
+@pytest.mark.fast
 def test_activations_against_float64():
     x = np.unique(fp.fp16_to_float(_all_codes()))
     x = x[np.abs(x) <= 16]
@@ -318,6 +335,7 @@ def test_activations_against_float64():
                                   fp.fp16_add(codes, codes[::-1]))
 
 
+@pytest.mark.fast
 def test_error_report_stays_within_the_stated_bounds():
     """The bounds docs/elementwise.md states for the tiny checkpoint (level 2 vs level 1)."""
     from trilut.models.fp16_error import error_report, format_report
@@ -370,6 +388,7 @@ def _simulate_comb(dut, inputs: dict, output: str) -> np.ndarray:
 
 
 @pytest.mark.parametrize("unit", [Fp16Mul, Fp16Add])
+@pytest.mark.fast
 def test_unit_matches_model_in_amaranth_sim(unit):
     a, b = _operands(seed=10, n_random=2500)
     dut = unit()
@@ -381,6 +400,7 @@ def test_unit_matches_model_in_amaranth_sim(unit):
 
 
 @pytest.mark.parametrize("width", [8, 22])
+@pytest.mark.fast
 def test_int_to_fp16_matches_model_in_amaranth_sim(width):
     rng = np.random.default_rng(width)
     lo, hi = -(1 << (width - 1)), (1 << (width - 1)) - 1
@@ -445,6 +465,7 @@ async def fp16_lanes_tb(dut):
     Path(os.environ["TRILUT_FP16_RESULTS"]).write_text(json.dumps(out))
 
 
+@pytest.mark.rtl
 def test_units_bit_exact_on_verilator(tmp_path):
     steps = 8192
     rng = np.random.default_rng(11)

@@ -1,9 +1,9 @@
 """The per-row absmax int8 activation quantizer feeding the TLMM engine (``ActQuantizer``).
 
 The quantizer needs a whole row before it can emit its first element (the absmax), so it
-buffers the row in an ``amaranth.lib.memory.Memory`` and makes two passes: the first takes
-the row in and reduces it, the second reads it back and scales it. The buffer has two banks,
-so the first pass of the next row overlaps the second pass of this one.
+makes two passes over the row, kept in the two-bank ``RowBuffer`` (``row_buffer.py``): the
+first takes the row in and reduces it, the second reads it back and scales it, and the
+next row's first pass overlaps this row's second.
 
 Lane convention (``lanes.py``): a row of ``n`` elements is ``ceil(n / L)`` beats of
 ``lane_layout(L)``; lanes at and beyond ``n`` in the last beat are ignored. ``n``
@@ -22,7 +22,8 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from trilut.config import EngineConfig
-from trilut.hdl.elementwise.lanes import lane_layout, positive_int
+from trilut.hdl.elementwise.lanes import check_lanes, lane_signature, positive_int
+from trilut.hdl.elementwise.row_buffer import RowBuffer
 from trilut.models import fp16 as fp
 from trilut.models import numerics
 
@@ -76,7 +77,7 @@ class ActQuantizer(wiring.Component):
     def __init__(self, cfg: EngineConfig, *, lanes: int, max_n: int):
         if not isinstance(cfg, EngineConfig):
             raise TypeError(f"cfg must be an EngineConfig, not {cfg!r}")
-        positive_int("lanes", lanes, at_most=256)
+        check_lanes(lanes)
         positive_int("max_n", max_n, at_most=1 << 20)
         self.cfg = cfg
         self.lanes = lanes
@@ -85,7 +86,7 @@ class ActQuantizer(wiring.Component):
         self.words = -(-max_n // lanes)
         self.n_width = max_n.bit_length()
         super().__init__({
-            "x": In(stream.Signature(lane_layout(lanes))),
+            "x": In(lane_signature(lanes)),
             "acts": Out(stream.Signature(data.ArrayLayout(signed(cfg.act_bits), cfg.block_k))),
             "absmax": Out(stream.Signature(unsigned(16))),
             "n": In(unsigned(self.n_width)),
@@ -99,54 +100,27 @@ class ActQuantizer(wiring.Component):
         slots = B + L - g                       # gearbox capacity, in codes
         e_shape = range(self.max_n + B + 2 * L + 1)
         n = self.n
-        m.submodules.buffer = buf = Memory(shape=lane_layout(L), depth=2 * Wd, init=[])
-        wr = buf.write_port()
-        rd = buf.read_port()
+        m.submodules.row_buffer = row = RowBuffer(lanes=L, max_n=self.max_n)
+        wiring.connect(m, wiring.flipped(self.x), row.x)
+        m.d.comb += row.n.eq(n)
         m.submodules.reciprocal = recip = Memory(
             shape=unsigned(31), depth=1 << fp.FP16.mantissa_bits,
             init=[int(v) for v in quant_reciprocal_table()])
         recip_rd = recip.read_port()
 
-        used = Signal(range(3))
-        used_inc = Signal()
-        used_dec = Signal()
-        m.d.sync += used.eq(used + used_inc - used_dec)
-
         # ---- pass 1: buffer and absmax -----------------------------------------------------
-        f_active = Signal()
-        f_pending = Signal()
-        f_e = Signal(e_shape)
-        f_word = Signal(range(Wd + 1))
-        f_bank = Signal()
+        take = row.take
         mags = [Signal(15, name=f"mag{l}") for l in range(L)]
         mag_valid, mag_first = Signal(), Signal()
         absmax = Signal(15)
 
         handoff = Signal()
-        start_ok = ~f_active & (~f_pending | handoff) & (used < 2)
-        take = Signal()
-        last = f_e + L >= n
-        m.d.comb += [
-            self.x.ready.eq(f_active | start_ok),
-            take.eq(self.x.valid & self.x.ready),
-            used_inc.eq(take & ~f_active),
-            wr.addr.eq(Mux(f_bank, Wd + f_word, f_word)),
-            wr.en.eq(take),
-        ]
+        m.d.comb += row.handoff.eq(handoff)
         for l in range(L):
-            x = Signal(16, name=f"x{l}")
-            m.d.comb += [x.eq(Mux(f_e + l < n, self.x.payload[l], 0)), wr.data[l].eq(x)]
+            x = row.data[l]
             with m.If(take):
                 m.d.sync += mags[l].eq(Mux(x[10:15] == 0, 0, x[:15]))   # subnormals read 0
-        with m.If(handoff):
-            m.d.sync += f_pending.eq(0)          # (a row ending this cycle sets it again)
-        with m.If(take):
-            with m.If(last):
-                m.d.sync += [f_active.eq(0), f_pending.eq(1), f_e.eq(0), f_word.eq(0),
-                             f_bank.eq(~f_bank)]
-            with m.Else():
-                m.d.sync += [f_active.eq(1), f_e.eq(f_e + L), f_word.eq(f_word + 1)]
-        m.d.sync += [mag_valid.eq(take), mag_first.eq(f_word == 0)]
+        m.d.sync += [mag_valid.eq(take), mag_first.eq(row.word == 0)]
         level = list(mags)
         while len(level) > 1:
             level = [Mux(level[i] > level[i + 1], level[i], level[i + 1])
@@ -162,7 +136,7 @@ class ActQuantizer(wiring.Component):
         r_active = Signal()
         a_reg = Signal(15)
         m.d.comb += [
-            handoff.eq(f_pending & ~mag_valid & ~r_setup & ~r_active &
+            handoff.eq(row.pending & ~mag_valid & ~r_setup & ~r_active &
                        (~a_valid | self.absmax.ready)),
             recip_rd.addr.eq(absmax[:10]),
             self.absmax.valid.eq(a_valid),
@@ -188,7 +162,6 @@ class ActQuantizer(wiring.Component):
         r_mod = Signal(range(B))                 # r_e mod B
         r_word = Signal(range(Wd + self.max_n + 1))
         r_rep = Signal(TILES_WIDTH)
-        r_bank = Signal()
         # The rep ends with the word that covers the last G*T block: e' rounded down to a
         # multiple of B reaches n.
         next_e = r_e + L
@@ -216,15 +189,15 @@ class ActQuantizer(wiring.Component):
         issue = Signal()
         m.d.comb += [
             issue.eq(r_active & advance),
-            rd.addr.eq(Mux(r_bank, Wd + r_word, r_word)),
-            rd.en.eq(advance),
-            used_dec.eq(issue & word_last & (r_rep + 1 >= self.tiles)),
+            row.read_word.eq(r_word),
+            row.read_en.eq(advance),
+            row.release.eq(issue & word_last & (r_rep + 1 >= self.tiles)),
         ]
         with m.If(issue):
             with m.If(word_last):
                 m.d.sync += [r_e.eq(0), r_mod.eq(0), r_word.eq(0)]
                 with m.If(r_rep + 1 >= self.tiles):
-                    m.d.sync += [r_active.eq(0), r_rep.eq(0), r_bank.eq(~r_bank)]
+                    m.d.sync += [r_active.eq(0), r_rep.eq(0)]
                 with m.Else():
                     m.d.sync += r_rep.eq(r_rep + 1)
             with m.Else():
@@ -236,7 +209,7 @@ class ActQuantizer(wiring.Component):
                          s1_sig.eq(s_sig), s1_exp.eq(s_exp), s1_zero.eq(s_zero)]
         s3_codes = Signal(8 * L)
         for l in range(L):
-            x = rd.data[l]
+            x = row.read_data[l]
             ex = x[10:15]
             # S1 -> S2: x*s exact (one DSP48E2: 11 x 24 bits) and its binary point.
             prod = Signal(35, name=f"xs{l}")

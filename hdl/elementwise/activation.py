@@ -14,15 +14,14 @@ from amaranth.lib import wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
+# The gated activations of the model family, squared ReLU (bitnet-b1.58-2B-4T) and SiLU
+# (bitnet_b1_58): the configuration validates against the same tuple.
+from trilut.config import ACTIVATIONS
 from trilut.hdl.elementwise.fp16 import Fp16Add, Fp16Mul, leading_zeros
 from trilut.hdl.elementwise.lanes import Pipeline, check_lanes, join, lane_layout, lane_signature
 from trilut.models import fp16 as fp
 
 __all__ = ["GatedActivation", "ACTIVATIONS"]
-
-#: The gated activations of the model family: squared ReLU (bitnet-b1.58-2B-4T) and SiLU
-#: (bitnet_b1_58).
-ACTIVATIONS = ("relu2", "silu")
 
 _MANT = fp.FP16.mantissa_bits                   # 10
 _BIAS = fp.FP16.bias                            # 15

@@ -73,10 +73,12 @@ class Pipeline:
 
     @property
     def in_ready(self):
+        """The input stream's ``ready``: the first stage can take a beat."""
         return self.load[0]
 
     @property
     def out_valid(self):
+        """The output stream's ``valid``: the last stage holds a beat."""
         return self.valid[-1]
 
 

@@ -1,9 +1,9 @@
 """RMSNorm over rows of fp16 lanes: ``RmsScale`` (the per-row scalar) and ``RmsNorm``.
 
 RMSNorm needs a whole row before it can emit its first element (the sum of squares), so it
-buffers the row in an ``amaranth.lib.memory.Memory`` and makes two passes: the first takes
-the row in and reduces it, the second reads it back and scales it. The buffer has two banks,
-so the first pass of the next row overlaps the second pass of this one.
+makes two passes over the row, kept in the two-bank ``RowBuffer`` (``row_buffer.py``): the
+first takes the row in and reduces it, the second reads it back and scales it, and the
+next row's first pass overlaps this row's second.
 
 Lane convention (``lanes.py``): a row of ``n`` elements is ``ceil(n / L)`` beats of
 ``lane_layout(L)``; lanes at and beyond ``n`` in the last beat are ignored on input and sent
@@ -24,7 +24,8 @@ from amaranth.lib.wiring import In, Out
 
 from trilut.hdl.elementwise.fp16 import Fp16Mul, leading_zeros, pack, round_normalized
 from trilut.hdl.elementwise.fp32_add import ADD_LATENCY, Fp32AddNonNegative, tree_schedule
-from trilut.hdl.elementwise.lanes import lane_layout, positive_int
+from trilut.hdl.elementwise.lanes import check_lanes, lane_layout, lane_signature, positive_int
+from trilut.hdl.elementwise.row_buffer import RowBuffer
 from trilut.models import fp16 as fp
 from trilut.models import numerics
 
@@ -250,8 +251,8 @@ class RmsNorm(wiring.Component):
     exact count without stalls.
     """
 
-    def __init__(self, *, lanes: int, max_n: int, eps: float = 1e-5):
-        positive_int("lanes", lanes, at_most=256)
+    def __init__(self, *, lanes: int, max_n: int, eps: float):
+        check_lanes(lanes)
         positive_int("max_n", max_n, at_most=1 << 20)
         self.lanes = lanes
         self.max_n = max_n
@@ -261,9 +262,9 @@ class RmsNorm(wiring.Component):
         self.scale = RmsScale(partials=self.partials, n_width=self.n_width, eps=eps)
         self.eps = self.scale.eps
         super().__init__({
-            "x": In(stream.Signature(lane_layout(lanes))),
-            "weight": In(stream.Signature(lane_layout(lanes))),
-            "y": Out(stream.Signature(lane_layout(lanes))),
+            "x": In(lane_signature(lanes)),
+            "weight": In(lane_signature(lanes)),
+            "y": Out(lane_signature(lanes)),
             "n": In(unsigned(self.n_width)),
         })
 
@@ -272,22 +273,14 @@ class RmsNorm(wiring.Component):
         L, Wd = self.lanes, self.words
         e_shape = range(self.max_n + L + 1)
         m.submodules.scale = scale = self.scale
-        m.submodules.buffer = buf = Memory(shape=lane_layout(L), depth=2 * Wd, init=[])
-        wr = buf.write_port()
-        rd = buf.read_port()
+        m.submodules.row_buffer = row = RowBuffer(lanes=L, max_n=self.max_n)
         n = self.n
-
-        used = Signal(range(3))                 # banks holding a row (front start .. back end)
-        used_inc = Signal()
-        used_dec = Signal()
-        m.d.sync += used.eq(used + used_inc - used_dec)
+        wiring.connect(m, wiring.flipped(self.x), row.x)
+        m.d.comb += row.n.eq(n)
 
         # ---- pass 1: buffer, square, accumulate ------------------------------------------
-        f_active = Signal()                     # between the first and the last beat of a row
-        f_pending = Signal()                    # row taken, partials not yet handed on
-        f_e = Signal(e_shape)                   # element index of the next beat
-        f_word = Signal(range(Wd + 1))
-        f_bank = Signal()
+        # row.pending: the row is taken, its partials not yet handed on to RmsScale.
+        take, f_word = row.take, row.word
         f_two = Signal()                        # the row had a second beat (odd partials)
         q_valid, q_bank, q_first = Signal(), Signal(), Signal()
         a_valid, a_bank = Signal(), Signal()
@@ -296,28 +289,15 @@ class RmsNorm(wiring.Component):
 
         handoff = Signal()
         m.d.comb += [
-            scale.inp.valid.eq(f_pending & ~q_valid & ~a_valid),
+            scale.inp.valid.eq(row.pending & ~q_valid & ~a_valid),
             handoff.eq(scale.inp.valid & scale.inp.ready),
+            row.handoff.eq(handoff),
             scale.inp.payload.n.eq(n),
             *(scale.inp.payload.partials[l].eq(acc[0][l]) for l in range(L)),
             *(scale.inp.payload.partials[L + l].eq(Mux(f_two, acc[1][l], 0)) for l in range(L)),
         ]
-        with m.If(handoff):
-            m.d.sync += f_pending.eq(0)
-
-        start_ok = ~f_active & (~f_pending | handoff) & (used < 2)
-        take = Signal()
-        last = f_e + L >= n
-        m.d.comb += [
-            self.x.ready.eq(f_active | start_ok),
-            take.eq(self.x.valid & self.x.ready),
-            used_inc.eq(take & ~f_active),
-            wr.addr.eq(Mux(f_bank, Wd + f_word, f_word)),
-            wr.en.eq(take),
-        ]
         for l in range(L):
-            x = Signal(16, name=f"x{l}")
-            m.d.comb += [x.eq(Mux(f_e + l < n, self.x.payload[l], 0)), wr.data[l].eq(x)]
+            x = row.data[l]
             # x*x is exact in fp32: a 22-bit significand, a normal exponent.
             sq = Signal(22, name=f"x_sq{l}")
             m.d.comb += sq.eq(Cat(x[:10], 1) * Cat(x[:10], 1))
@@ -327,12 +307,8 @@ class RmsNorm(wiring.Component):
                        (2 * ex + (_FP32_BIAS - 2 * _FP16_BIAS) + top)[:8], 0)
             with m.If(take):
                 m.d.sync += squares[l].eq(Mux(ex == 0, 0, code))
-        with m.If(take):
-            with m.If(last):
-                m.d.sync += [f_active.eq(0), f_pending.eq(1), f_e.eq(0), f_word.eq(0),
-                             f_bank.eq(~f_bank), f_two.eq(f_word != 0)]
-            with m.Else():
-                m.d.sync += [f_active.eq(1), f_e.eq(f_e + L), f_word.eq(f_word + 1)]
+        with m.If(take & row.last):
+            m.d.sync += f_two.eq(f_word != 0)
         m.d.sync += [q_valid.eq(take), q_bank.eq(f_word[0]), q_first.eq(f_word < 2),
                      a_valid.eq(q_valid), a_bank.eq(q_bank)]
         for l in range(L):
@@ -350,7 +326,6 @@ class RmsNorm(wiring.Component):
         b_active = Signal()
         b_e = Signal(e_shape)
         b_word = Signal(range(Wd + 1))
-        b_bank = Signal()
         b_y1 = Signal(fp.RSQRT_FRACTION_BITS)
         b_rk = Signal(signed(8))
         m.d.comb += scale.out.ready.eq(~b_active)
@@ -366,15 +341,15 @@ class RmsNorm(wiring.Component):
         m.d.comb += [
             issue.eq(b_active & self.weight.valid & advance),
             self.weight.ready.eq(b_active & advance),
-            rd.addr.eq(Mux(b_bank, Wd + b_word, b_word)),
-            rd.en.eq(advance),
-            used_dec.eq(issue & b_last),
+            row.read_word.eq(b_word),
+            row.read_en.eq(advance),
+            row.release.eq(issue & b_last),
             self.y.valid.eq(o_valid),
             self.y.payload.eq(o_payload),
         ]
         with m.If(issue):
             with m.If(b_last):
-                m.d.sync += [b_active.eq(0), b_e.eq(0), b_word.eq(0), b_bank.eq(~b_bank)]
+                m.d.sync += [b_active.eq(0), b_e.eq(0), b_word.eq(0)]
             with m.Else():
                 m.d.sync += [b_e.eq(b_e + L), b_word.eq(b_word + 1)]
 
@@ -393,13 +368,13 @@ class RmsNorm(wiring.Component):
                 s2_mask.eq(s1_mask), s3_mask.eq(s2_mask),
                 s1_w.eq(self.weight.payload), s2_w.eq(s1_w), s3_w.eq(s2_w),
                 s1_y1.eq(b_y1), s1_rk.eq(b_rk), s2_rk.eq(s1_rk),
-                s2_x.eq(rd.data),
+                s2_x.eq(row.read_data),
             ]
         for l in range(L):
             # S1 -> S2: the exact product of the significands (one DSP48E2: 11 x 18).
             prod = Signal(29, name=f"xr_prod{l}")
             with m.If(advance):
-                m.d.sync += prod.eq(Cat(rd.data[l][:10], 1) * s1_y1)
+                m.d.sync += prod.eq(Cat(row.read_data[l][:10], 1) * s1_y1)
             # S2 -> S3: round(x * r) to fp16.
             x2 = s2_x[l]
             rounded, top = round_normalized(m, prod, 11, f"xr{l}")
