@@ -5,19 +5,19 @@ Started by ``trilut.sim.transport.SimulationTransport`` (or ``run_stream_on``) t
 prefix and word-address width).
 
 After reset it writes the run's DDR words through the backdoor (Python per word, once, before
-anything is timed), then for each phase: sets the held scalar inputs, gives every input
-stream its seeded idle pattern and every output stream its seeded backpressure pattern
-(``stall`` probability, or the stream's own in ``stream_stalls``; none when 0; an output
-without ``ready``, such as ``DdrHarness.ar_monitor``, is only watched), queues every input beat, and receives as many
-beats on each output as the phase expects. Each beat is compared with the expected one, in
-order; the phase's cycles (first input beat taken .. last output beat, inclusive) must equal
-its ``expected_cycles`` when no stream stalls. A phase with ``settle_cycles`` then releases
-the backpressure and watches every output stay silent that long (a beat seen there is
-reported with this phase, and not handed to the next one), and then every port in its
-``flags`` must read the given value. An output that does not carry its expected beats within
-the phase's timeout (``timeout_cycles``, else a bound from the beat count) ends the run with
-that phase and stream named. After the last phase every output must stay silent for
-``quiet_cycles`` (nothing dropped is made up for by a duplicate, nothing extra follows the
+anything is timed), then for each phase: sets the held scalar inputs, gives every input stream
+its seeded idle pattern and every output stream its seeded backpressure pattern (``stall``
+probability, or the stream's own in ``stream_stalls``; none when 0; an output without
+``ready``, such as ``DdrHarness.ar_monitor``, is only watched), queues every input beat, and
+receives as many beats on each output as the phase expects. Each beat is compared with the
+expected one, in order; the phase's cycles (first input beat taken .. last output beat,
+inclusive) must equal its ``expected_cycles`` when no stream stalls. A phase with
+``settle_cycles`` then releases the backpressure and watches every output stay silent that long
+(a beat seen there is reported with this phase, and not handed to the next one), and then every
+port in its ``flags`` must read the given value. An output that does not carry its expected
+beats within the phase's timeout (``timeout_cycles``, else a bound from the beat count) ends
+the run with that phase and stream named. After the last phase every output must stay silent
+for ``quiet_cycles`` (nothing dropped is made up for by a duplicate, nothing extra follows the
 last beat), and every ``clean_flags`` port must read zero. Everything seen goes back to the
 caller, and then the test fails, with an ``AssertionError`` naming the phase, the stream and
 the beat of each problem, if anything differed.
@@ -147,9 +147,9 @@ async def stream_run(dut):
                 bad = next(j for j, (g, e) in enumerate(zip(seen, expected)) if g != e)
                 problems.append(f"{name}: {stream} beat {bad} of {len(expected)} is "
                                 f"{seen[bad]:#x}, expected {expected[bad]:#x}")
-        if not stalled and phase["expected_cycles"] is not None and cycles != phase["expected_cycles"]:
-            problems.append(f"{name}: {cycles} cycles without stalls, expected exactly "
-                            f"{phase['expected_cycles']}")
+        want = phase["expected_cycles"]
+        if not stalled and want is not None and cycles != want:
+            problems.append(f"{name}: {cycles} cycles without stalls, expected exactly {want}")
 
         if phase.get("settle_cycles"):
             extra = await _silence(dut, sinks, taken, phase["settle_cycles"])

@@ -1,5 +1,6 @@
 # amaranth: UnusedElaboratable=no
-"""The element-wise lane units (``hdl/elementwise/{dequant,activation,residual}.py``) against their models, bit for bit.
+"""The element-wise lane units (``hdl/elementwise/{dequant,activation,residual}.py``) against
+their models, bit for bit.
 
 Cycle-accurate tier: each unit is built once with Verilator (4 lanes, cached by the hash of
 its Verilog) and runs all its cases as the phases of one run of the generic testbench

@@ -2,12 +2,12 @@
 ``models.fp16``.
 
 Each unit configuration is built once (cached by the hash of its Verilog) and runs all its
-cases as the phases of one run of the generic testbench (``sim/stream_testbench.py``): rows drawn like real activations (normal times a per-row scale
-spread over decades, some with an outlier channel), the edge rows (an outlier of 3000, +-0,
-+-65504, values straddling fp16's smallest normal, subnormals, quantizer ties), lengths that
-are multiples of neither L nor G*T, and random valid/ready stalls on every stream; nothing
-may follow the last beat. One stall-free case per configuration checks the measured cycles
-against ``expected_cycles``.
+cases as the phases of one run of the generic testbench (``sim/stream_testbench.py``): rows
+drawn like real activations (normal times a per-row scale spread over decades, some with an
+outlier channel), the edge rows (an outlier of 3000, +-0, +-65504, values straddling fp16's
+smallest normal, subnormals, quantizer ties), lengths that are multiples of neither L nor G*T,
+and random valid/ready stalls on every stream; nothing may follow the last beat. One stall-free
+case per configuration checks the measured cycles against ``expected_cycles``.
 """
 
 from dataclasses import dataclass

@@ -14,8 +14,8 @@ payloads are Python ints in the stream's flattened bit layout.
 What every run checks, whoever runs it: each output beat equals the expected beat, in order;
 no output beat follows the last expected one; the flags named in ``clean_flags`` read zero
 at the end; and, in a phase with no stalls (``stall`` and every ``stream_stalls`` entry 0)
-and an ``expected_cycles``, the measured cycles equal it. Cycles are counted from the first input beat taken in the phase to its last output
-beat, inclusive.
+and an ``expected_cycles``, the measured cycles equal it. Cycles are counted from the first
+input beat taken in the phase to its last output beat, inclusive.
 
 A phase can also ask for checks of its own once it is done: ``settle_cycles`` of silence on
 every output after its last expected beat (a stray or duplicated beat is then named with this
