@@ -45,11 +45,13 @@ __all__ = [
     "compile_weight_image", "write_weight_image", "load_weight_image", "weight_image_layout",
     "MAGIC", "FORMAT_VERSION", "SECTION_ALIGNMENT", "DEFAULT_DDR_WORD_BITS",
     "header_layout_markdown", "section_entry_markdown", "HEADER_FIELD_OFFSETS", "HEADER_BYTES",
-    "SECTION_ENTRY_BYTES",
+    "SECTION_ENTRY_BYTES", "stored_row_order", "ROPE_PROJECTIONS",
 ]
 
 MAGIC = b"TRILUTWI"
-FORMAT_VERSION = 1
+#: 2: the Q and K projection rows are stored in RoPE pair-consecutive order
+#: (:func:`stored_row_order`); 1 stored every linear in checkpoint order.
+FORMAT_VERSION = 2
 #: See the module docstring: the AXI4 4 KiB burst boundary and the host page size.
 SECTION_ALIGNMENT = 4096
 #: One AXI4 beat of the KV260's (Zynq UltraScale+) 128-bit HP ports.
@@ -449,9 +451,17 @@ class WeightImage:
         return [int.from_bytes(row.tobytes(), "little") for row in rows]
 
     def layer_values(self, name: str) -> np.ndarray:
-        """Ternary int8 ``[N, K]`` decoded back from the beats (the inverse of the packing)."""
+        """Ternary int8 ``[N, K]`` decoded back from the beats (the inverse of the packing),
+        rows in stored order (:meth:`row_order`: Q and K in RoPE pair order)."""
         section = self._find(name, "tlmm_weights")
         return _decode_beats(self._items(section), section.shape, self.engine)
+
+    def row_order(self, name: str) -> np.ndarray:
+        """``stored = original[order]`` for the rows of linear ``name`` (the identity except
+        for the Q and K projections, :func:`stored_row_order`)."""
+        order = stored_row_order(self.model_config, name)
+        n = self._find(name, "tlmm_weights").shape[0]
+        return np.arange(n) if order is None else order
 
     def scale(self, name: str) -> float:
         """The float32 multiplier of linear ``name`` (``W ~= values x scale``), exactly as
@@ -538,10 +548,33 @@ def _fp16(values: np.ndarray, what: str) -> np.ndarray:
     return half
 
 
+#: The projections whose output rows RoPE rotates in pairs.
+ROPE_PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj")
+
+
+def stored_row_order(config: BitNetConfig, name: str) -> np.ndarray | None:
+    """How the image orders the output rows of linear ``name``: ``stored = original[order]``,
+    or ``None`` for checkpoint order. Q and K projections store each head's rows in RoPE's
+    pair-consecutive order (``trilut.models.attention.rope_permutation``), so the hardware
+    rotates adjacent elements; the dot products of Q with K are unchanged (both permuted
+    alike), and V, O and the FFN keep checkpoint order (docs/attention.md)."""
+    if not name.endswith(ROPE_PROJECTIONS):
+        return None
+    from trilut.models.attention import rope_permutation
+    d = config.head_dim
+    heads = (config.num_attention_heads if name.endswith("q_proj")
+             else config.num_key_value_heads)
+    perm = rope_permutation(d)
+    return np.concatenate([h * d + perm for h in range(heads)])
+
+
 def _section_payload(section: Section, model: BitNetModel, engine: EngineConfig) -> bytes:
     module = section.name.removesuffix(_SUFFIX[section.kind])
     if section.kind == "tlmm_weights":
         values = model.linear(module).values.numpy()
+        order = stored_row_order(model.config, module)
+        if order is not None:
+            values = values[order]
         beats = numerics.tlmm_weight_beats(values, engine.code, engine.tables_per_step,
                                            engine.columns_per_cycle, engine.accumulator_depth)
         return b"".join(beat.to_bytes(section.item_bytes, "little") for beat in beats)

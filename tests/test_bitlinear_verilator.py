@@ -71,7 +71,8 @@ def test_bitlinear_numerics_against_the_float_golden_model(tiny):
         module = model.get_submodule(norm)
         with torch.no_grad():
             level1 = model.linear(layer)(module(torch.from_numpy(nm.fp16_to_float(x)).float()))
-        level1 = level1.double().numpy()
+        # The image stores Q/K rows in RoPE pair order (docs/weight_image.md).
+        level1 = level1.double().numpy()[..., image.row_order(layer)]
         cos = float(np.sum(level1 * level2) / np.linalg.norm(level1) / np.linalg.norm(level2))
         rel = np.linalg.norm(level2 - level1) / np.linalg.norm(level1)
         print(f"{layer}: max abs {np.abs(level2 - level1).max():.3g}, rel RMS {rel:.3g}, "

@@ -83,14 +83,20 @@ def test_beats_scales_and_norms_read_back(model, images, engine_name):
     word_bits, wpb = 128, -(-engine.weight_beat_bits // 128)
     assert reloaded.words_per_beat == wpb
     for name, (values, scale) in linears.items():
-        beats = numerics.tlmm_weight_beats(values.numpy(), engine.code, engine.tables_per_step,
+        # Stored rows: checkpoint order, but RoPE pair order for Q and K (stored_row_order).
+        order = reloaded.row_order(name)
+        beats = numerics.tlmm_weight_beats(values.numpy()[order], engine.code, engine.tables_per_step,
                                            engine.columns_per_cycle, engine.accumulator_depth)
         assert reloaded.layer_beats(name) == beats, name
         words = reloaded.layer_words(name)
         assert len(words) == len(beats) * wpb
         assert [sum(w << (word_bits * i) for i, w in enumerate(words[b * wpb:(b + 1) * wpb]))
                 for b in range(len(beats))] == beats
-        np.testing.assert_array_equal(reloaded.layer_values(name), values.numpy())
+        if name.endswith(("q_proj", "k_proj")):
+            assert not np.array_equal(order, np.arange(len(order)))
+        else:
+            np.testing.assert_array_equal(order, np.arange(len(order)))
+        np.testing.assert_array_equal(reloaded.layer_values(name), values.numpy()[order])
         linear = model.linear(name)
         record = reloaded.scale_record(name)
         assert reloaded.scale(name) == scale == record.scale
@@ -190,9 +196,9 @@ def test_refuses_wrong_magic(kv260_bytes):
 
 
 def test_refuses_newer_format_version(kv260_bytes):
-    struct.pack_into("<I", kv260_bytes, HEADER_FIELD_OFFSETS["format_version"], 2)
-    _refused(kv260_bytes, "format_version 2 is newer than this reader supports; this trilut "
-                          "reads version 1")
+    struct.pack_into("<I", kv260_bytes, HEADER_FIELD_OFFSETS["format_version"], 3)
+    _refused(kv260_bytes, "format_version 3 is newer than this reader supports; this trilut "
+                          "reads version 2")
 
 
 def test_refuses_truncated_files(images):
