@@ -503,3 +503,60 @@ def fp16_ffn(h, norm_weight, sub_norm_weight, gate_values, up_values, down_value
 
 
 __all__ += ["rmsnorm_partials", "fp16_linear", "fp16_bitlinear", "fp16_ffn"]
+
+
+def fp16_attention(h, norm_weight, sub_norm_weight, q_values, k_values, v_values, o_values,
+                   scales: tuple[float, float, float, float], cos, sin, k_cache, v_cache, *,
+                   start: int, phase: str, heads: int, kv_heads: int, head_dim: int,
+                   eps: float, lanes: int, attn_lanes: int) -> np.ndarray:
+    """The attention half of a decoder layer on fp16 codes ``h[T, hidden]`` at positions
+    ``start .. start+T-1``, as the hardware computes it::
+
+        x = norm(h);  q, k, v = q/k/v_proj(x)       (one quantization of x shared)
+        q, k = rope(q), rope(k)                    (pair-consecutive rows: the image's order)
+        k_cache[:, start:start+T], v_cache[...] = k, v
+        a = online (prefill) or two-pass (decode) attention over positions 0 .. start+i
+        return h + o_proj(sub_norm(a))
+
+    ``q/k_values`` are in the weight image's row order (``host.weight_image.
+    stored_row_order``); ``cos``/``sin`` are fp16 codes ``[T, head_dim/2]`` for the T
+    positions; ``k_cache``/``v_cache`` are fp16 codes ``[kv_heads, S, head_dim]``, written in
+    place. ``phase`` is ``"prefill"`` (any T, the prefill unit's online softmax) or
+    ``"decode"`` (T = 1, the decode unit's two-pass softmax).
+    """
+    from trilut.models import attention as at
+    if phase not in ("prefill", "decode"):
+        raise ValueError(f"phase must be 'prefill' or 'decode', not {phase!r}")
+    h = np.asarray(h, dtype=np.uint16)
+    t_len = h.shape[0]
+    if phase == "decode" and t_len != 1:
+        raise ValueError(f"a decode step takes one token, not {t_len}")
+    if start < 0 or start + t_len > k_cache.shape[1]:
+        raise ValueError(f"positions {start}..{start + t_len - 1} do not fit the KV cache of "
+                         f"{k_cache.shape[1]} positions")
+    q_scale, k_scale, v_scale, o_scale = scales
+    normed = fp16_rmsnorm(h, norm_weight, eps, partials=rmsnorm_partials(lanes))
+    codes, absmax = fp16_quantize_int8(normed)
+
+    def project(values, scale):
+        acc = ternary_matmul(codes, values)
+        return fp16_dequantize(acc, np.asarray(fp16_dequant_scale(absmax, scale)).reshape(-1, 1))
+
+    def split(x, n):                                     # [T, n*d] -> [n, T, d]
+        return x.reshape(t_len, n, head_dim).transpose(1, 0, 2)
+
+    q = at.fp16_rope(split(project(q_values, q_scale), heads), cos, sin)
+    k = at.fp16_rope(split(project(k_values, k_scale), kv_heads), cos, sin)
+    v = split(project(v_values, v_scale), kv_heads)
+    k_cache[:, start:start + t_len] = k
+    v_cache[:, start:start + t_len] = v
+    if phase == "prefill":
+        out = at.online_attention(q, k_cache, v_cache, start=start, lanes=attn_lanes)
+    else:
+        out = at.two_pass_attention(q, k_cache, v_cache, position=start, lanes=attn_lanes)
+    attended = out.transpose(1, 0, 2).reshape(t_len, heads * head_dim)
+    o = fp16_bitlinear(attended, sub_norm_weight, o_values, o_scale, eps=eps, lanes=lanes)
+    return fp16_residual_add(h, o)
+
+
+__all__ += ["fp16_attention"]
