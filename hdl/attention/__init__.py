@@ -1,0 +1,1 @@
+"""Attention blocks: RoPE, scores, softmax and the weighted sum over V (models/attention.py)."""
