@@ -23,7 +23,7 @@ from trilut.hdl.memory.axi import (AXI4_MAX_BURST, BURST_INCR, PAGE_BYTES, RESP_
 from trilut.hdl.memory.axi_write import AxiWriteSignature
 
 __all__ = ["VIOLATION_LAYOUT", "WRITE_VIOLATION_LAYOUT", "DdrModel", "DdrHarness",
-           "DdrReadHarness"]
+           "DdrReadHarness", "forward_members"]
 
 #: Sticky flags of AXI4 rules broken by a master, one bit each.
 VIOLATION_LAYOUT = data.StructLayout({
@@ -178,39 +178,13 @@ class DdrModel(wiring.Component):
         m.d.sync += now.eq(now + 1)
 
         # ---- AR queue: (first word, beats - 1, id, due cycle) -------------------------------
-        entry = data.StructLayout({
-            "word": unsigned(self.word_addr_width),
-            "len": unsigned(8),
-            "id": unsigned(max(1, self.id_width)),
-            "due": unsigned(_TIME_WIDTH),
-        })
-        m.submodules.ar_queue = queue = fifo.SyncFIFO(width=entry.size,
-                                                      depth=self.ar_queue_depth)
-        pushed = Signal(entry)
-        m.d.comb += [
-            pushed.word.eq(ar.araddr[size:size + self.word_addr_width]),
-            pushed.len.eq(ar.arlen),
-            # An AR taken on cycle t is readable from the queue on t + 1, its first beat is
-            # issued to the read port on t + latency - 1 and offered on R on t + latency.
-            pushed.due.eq(now + (self.latency - 1)),
-            queue.w_data.eq(pushed),
-            queue.w_en.eq(ar.arvalid),
-            ar.arready.eq(queue.w_rdy),
-        ]
-        if self.id_width:
-            m.d.comb += pushed.id.eq(ar.arid)
-
-        _check_burst(m, self.violations, take=ar.arvalid & ar.arready, addr=ar.araddr,
-                     length=ar.arlen, size=ar.arsize, burst=ar.arburst, full_size=size)
-
-        head = data.View(entry, queue.r_data)
+        # An AR taken on cycle t is readable from the queue on t + 1, its first beat is
+        # issued to the read port on t + latency - 1 and offered on R on t + latency.
+        queue, head = self._address_queue(m, "ar_queue", ar, self.violations,
+                                          due=now + (self.latency - 1))
         since_due = Signal(_TIME_WIDTH)
         m.d.comb += since_due.eq(now - head.due)
         head_ready = queue.r_rdy & ~since_due[-1]
-
-        # ---- bandwidth: token bucket --------------------------------------------------------
-        cap = w + b - 1
-        tokens = Signal(range(cap + 1), init=cap)
 
         # ---- burst engine: issue one beat's read per cycle into the R output register -------
         active = Signal()               # a burst has beats left, held below (not in the queue)
@@ -223,7 +197,8 @@ class DdrModel(wiring.Component):
 
         advance = ~r.rvalid | r.rready  # the R register is free or being emptied
         issue = Signal()
-        m.d.comb += issue.eq(advance & (active | head_ready) & (tokens >= w))
+        may = _token_bucket(m, "r", issue, beats_per_window=b, window=w)
+        m.d.comb += issue.eq(advance & (active | head_ready) & may)
         m.d.comb += queue.r_en.eq(issue & ~active)
 
         with m.If(issue):
@@ -236,10 +211,6 @@ class DdrModel(wiring.Component):
                     left.eq(src_left - 1),
                     burst_id.eq(src_id),
                 ]
-        refill = Signal(range(cap + b + 1))
-        m.d.comb += refill.eq(tokens - Mux(issue, w, 0) + b)
-        m.d.sync += tokens.eq(Mux(refill > cap, cap, refill))
-
         m.d.comb += [read.addr.eq(src_word), read.en.eq(advance)]
         with m.If(advance):
             m.d.sync += [r.rvalid.eq(issue), r.rlast.eq(src_left == 0)]
@@ -250,39 +221,46 @@ class DdrModel(wiring.Component):
             self._elaborate_write(m, storage, now)
         return m
 
+    def _address_queue(self, m: Module, name: str, channel, flags, *, due=None):
+        """The queue of an AR or AW channel: (first word, beats - 1, id[, due cycle]) per
+        burst, ``ready`` while it has room, every handshake checked against the burst rules
+        into ``flags``. Returns the FIFO and a view of its head entry."""
+        prefix = "ar" if hasattr(channel, "araddr") else "aw"
+        addr, length = getattr(channel, f"{prefix}addr"), getattr(channel, f"{prefix}len")
+        valid, ready = getattr(channel, f"{prefix}valid"), getattr(channel, f"{prefix}ready")
+        size = (self.bytes_per_word - 1).bit_length()
+        fields = {"word": unsigned(self.word_addr_width), "len": unsigned(8),
+                  "id": unsigned(max(1, self.id_width))}
+        if due is not None:
+            fields["due"] = unsigned(_TIME_WIDTH)
+        entry = data.StructLayout(fields)
+        m.submodules[name] = queue = fifo.SyncFIFO(width=entry.size, depth=self.ar_queue_depth)
+        pushed = Signal(entry, name=f"{name}_pushed")
+        m.d.comb += [pushed.word.eq(addr[size:size + self.word_addr_width]),
+                     pushed.len.eq(length), queue.w_data.eq(pushed), queue.w_en.eq(valid),
+                     ready.eq(queue.w_rdy)]
+        if due is not None:
+            m.d.comb += pushed.due.eq(due)
+        if self.id_width:
+            m.d.comb += pushed.id.eq(getattr(channel, f"{prefix}id"))
+        _check_burst(m, flags, take=valid & ready, addr=addr, length=length,
+                     size=getattr(channel, f"{prefix}size"),
+                     burst=getattr(channel, f"{prefix}burst"), full_size=size)
+        return queue, data.View(entry, queue.r_data)
+
     def _elaborate_write(self, m: Module, storage: Memory, now: Signal) -> None:
         aw, w, bch = self.axi_w.aw, self.axi_w.w, self.axi_w.b
         size = (self.bytes_per_word - 1).bit_length()
         b, win = self.beats_per_window, self.window
 
-        entry = data.StructLayout({
-            "word": unsigned(self.word_addr_width),
-            "len": unsigned(8),
-            "id": unsigned(max(1, self.id_width)),
-        })
-        m.submodules.aw_queue = queue = fifo.SyncFIFO(width=entry.size,
-                                                      depth=self.ar_queue_depth)
-        pushed = Signal(entry)
-        m.d.comb += [
-            pushed.word.eq(aw.awaddr[size:size + self.word_addr_width]),
-            pushed.len.eq(aw.awlen),
-            queue.w_data.eq(pushed),
-            queue.w_en.eq(aw.awvalid),
-            aw.awready.eq(queue.w_rdy),
-        ]
-        if self.id_width:
-            m.d.comb += pushed.id.eq(aw.awid)
-        _check_burst(m, self.write_violations, take=aw.awvalid & aw.awready, addr=aw.awaddr,
-                     length=aw.awlen, size=aw.awsize, burst=aw.awburst, full_size=size)
+        queue, head = self._address_queue(m, "aw_queue", aw, self.write_violations)
 
         # ---- W beats of the head burst, at the write rate -----------------------------------
-        head = data.View(entry, queue.r_data)
         beat = Signal(8)
-        cap = win + b - 1
-        tokens = Signal(range(cap + 1), init=cap)
         port = storage.write_port(granularity=8)
-        m.d.comb += w.wready.eq(queue.r_rdy & (tokens >= win))
-        w_take = w.wvalid & w.wready
+        w_take = Signal()
+        may = _token_bucket(m, "w", w_take, beats_per_window=b, window=win)
+        m.d.comb += [w.wready.eq(queue.r_rdy & may), w_take.eq(w.wvalid & w.wready)]
         at_end = beat == head.len
         m.d.comb += [
             port.addr.eq(head.word + beat),
@@ -294,9 +272,6 @@ class DdrModel(wiring.Component):
             m.d.sync += beat.eq(Mux(at_end, 0, beat + 1))
             with m.If(w.wlast != at_end):
                 m.d.sync += self.write_violations.wlast.eq(1)
-        refill = Signal(range(cap + b + 1))
-        m.d.comb += refill.eq(tokens - Mux(w_take, win, 0) + b)
-        m.d.sync += tokens.eq(Mux(refill > cap, cap, refill))
 
         # ---- B: one response per burst, b_latency cycles after its last beat ---------------
         response = data.StructLayout({"id": unsigned(max(1, self.id_width)),
@@ -323,6 +298,19 @@ class DdrModel(wiring.Component):
             m.d.sync += self.peek_data.valid.eq(self.peek.valid)
 
 
+def _token_bucket(m: Module, name: str, take, *, beats_per_window: int, window: int):
+    """The bandwidth limit: every cycle adds ``beats_per_window`` tokens, a beat (``take``)
+    costs ``window``, the bucket holds ``window + beats_per_window - 1`` and starts full.
+    Returns the signal that allows a beat this cycle."""
+    b, w = beats_per_window, window
+    cap = w + b - 1
+    tokens = Signal(range(cap + 1), init=cap, name=f"{name}_tokens")
+    refill = Signal(range(cap + b + 1), name=f"{name}_refill")
+    m.d.comb += refill.eq(tokens - Mux(take, w, 0) + b)
+    m.d.sync += tokens.eq(Mux(refill > cap, cap, refill))
+    return tokens >= w
+
+
 def _check_burst(m: Module, flags, *, take, addr, length, size, burst, full_size: int) -> None:
     """Set ``flags``' burst-rule bits for an address handshake (``take``): not INCR, not the
     full data width, unaligned, crossing 4 KiB (AXI4 A3.4.1)."""
@@ -337,6 +325,20 @@ def _check_burst(m: Module, flags, *, take, addr, length, size, burst, full_size
                 m.d.sync += flags.unaligned.eq(1)
         with m.If(end_byte > PAGE_BYTES):
             m.d.sync += flags.crosses_4k.eq(1)
+
+
+def forward_members(m: Module, outer, inner, members: dict) -> None:
+    """Wire each of ``members`` (name -> signature member of ``inner``) of a wrapper
+    ``outer`` to the same-named member of the wrapped ``inner``: ports by assignment in their
+    direction, interfaces (streams) by ``wiring.connect``."""
+    for name, member in members.items():
+        o, i = getattr(outer, name), getattr(inner, name)
+        if member.is_port:
+            m.d.comb += (i.eq(o) if member.flow == In else o.eq(i))
+        elif member.flow == In:
+            wiring.connect(m, wiring.flipped(o), i)
+        else:
+            wiring.connect(m, i, wiring.flipped(o))
 
 
 class DdrHarness(wiring.Component):
@@ -405,14 +407,7 @@ class DdrHarness(wiring.Component):
         m.submodules.block = block = self.block
         m.submodules.ddr = ddr = self.ddr
         wiring.connect(m, wiring.flipped(self.load), ddr.load)
-        for name, member in self._forwarded.items():
-            outer, inner = getattr(self, name), getattr(block, name)
-            if member.is_port:
-                m.d.comb += (inner.eq(outer) if member.flow == In else outer.eq(inner))
-            elif member.flow == In:
-                wiring.connect(m, wiring.flipped(outer), inner)
-            else:
-                wiring.connect(m, inner, wiring.flipped(outer))
+        forward_members(m, self, block, self._forwarded)
         if self._read:
             port = getattr(block, self._read)
             wiring.connect(m, port, ddr.axi)

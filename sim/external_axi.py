@@ -20,6 +20,7 @@ from amaranth.lib.wiring import In, Out
 
 from trilut.hdl.memory.axi import AxiReadSignature
 from trilut.hdl.memory.axi_write import AxiWriteSignature
+from trilut.sim.ddr_model import forward_members
 
 __all__ = ["FlatAxiPorts"]
 
@@ -53,14 +54,7 @@ class FlatAxiPorts(wiring.Component):
                 inner = getattr(inner, step)
             outer = getattr(self, name)
             m.d.comb += (outer.eq(inner) if flow == Out else inner.eq(outer))
-        for name, member in self._forwarded.items():
-            outer, inner = getattr(self, name), getattr(block, name)
-            if member.is_port:
-                m.d.comb += (inner.eq(outer) if member.flow == In else outer.eq(inner))
-            elif member.flow == In:
-                wiring.connect(m, wiring.flipped(outer), inner)
-            else:
-                wiring.connect(m, inner, wiring.flipped(outer))
+        forward_members(m, self, block, self._forwarded)
         if self._ids:
             m.d.comb += getattr(self, self._ids[0]).eq(0)
         return m
