@@ -22,6 +22,7 @@ import numpy as np
 from trilut.host.weight_image import WeightImage
 from trilut.models import attention as at
 from trilut.models import numerics as nm
+from trilut.models.kv_cache import KvLayout
 
 __all__ = ["Level2Model", "LogitComparison", "compare_with_golden", "attention_half_error"]
 
@@ -51,6 +52,8 @@ class Level2Model:
         if not 1 <= self.max_context <= cfg.max_position_embeddings:
             raise ValueError(f"max_context must be from 1 to the model's "
                              f"{cfg.max_position_embeddings} positions, not {max_context!r}")
+        #: The cache's DDR layout; its check refuses a context overflow.
+        self.layout = KvLayout.for_model(cfg, max_context=self.max_context)
         shape = (cfg.num_hidden_layers, cfg.num_key_value_heads, self.max_context, cfg.head_dim)
         self.k_cache = np.zeros(shape, dtype=np.uint16)
         self.v_cache = np.zeros(shape, dtype=np.uint16)
@@ -87,11 +90,6 @@ class Level2Model:
     def reset(self) -> None:
         self.position = 0
 
-    def _check_room(self, tokens: int) -> None:
-        if self.position + tokens > self.max_context:
-            raise ValueError(f"{self.position} positions in the KV cache plus {tokens} new "
-                             f"token(s) exceed the context of {self.max_context} positions")
-
     def embed(self, ids) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64)
         if ids.ndim != 1 or ids.size == 0:
@@ -104,7 +102,7 @@ class Level2Model:
     def _run(self, ids, phase: str) -> np.ndarray:
         cfg = self.config
         h = self.embed(ids)
-        self._check_room(len(h))
+        self.layout.check_room(self.position, len(h))
         start = self.position
         cos, sin = at.rope_tables(np.arange(start, start + len(h)), cfg.head_dim,
                                   cfg.rope_theta)

@@ -289,10 +289,12 @@ class AxiWriteMaster(wiring.Component):
             raise ValueError(f"{len(words)} data words for commands of {at} words")
         return memory
 
-    def expected_cycles(self, job: WriteJob) -> int:
+    def expected_cycles(self, job: WriteJob, *, word_offer=None) -> int:
         """Cycles from the first ``cmd`` beat taken to the last ``done`` beat out, inclusive,
-        with ``cmd`` and ``data`` always offered (the commands and the data both from the
-        first cycle) and ``done`` never stalled, against ``DdrModel``'s write port.
+        with ``cmd`` always offered from the first cycle, ``done`` never stalled, against
+        ``DdrModel``'s write port. ``data`` is always offered, or, with ``word_offer``, word
+        ``n`` from cycle ``word_offer(n, cycle word n - 1 left)`` on (``None`` for ``n = 0``;
+        cycles from the first command taken): how a producer upstream paces the words.
 
         A per-burst recurrence: the AW of a burst leaves one cycle after the splitter reaches
         it (and after a burst slot frees), the slave takes the AW the cycle it is offered,
@@ -314,6 +316,7 @@ class AxiWriteMaster(wiring.Component):
         b_times = []
         done = 0
         last_token_cycle = 0
+        word, departed = 0, None
         for j, (beats, last) in enumerate(bursts):
             issue = split_free
             if j >= self.max_outstanding:
@@ -323,6 +326,8 @@ class AxiWriteMaster(wiring.Component):
             split_free = issue + 1
             t = max(aw_taken + 1, w_free)
             for _ in range(beats):
+                if word_offer is not None:
+                    t = max(t, word_offer(word, departed))
                 # refill the bucket up to cycle t
                 tokens = min(cap, tokens + (t - last_token_cycle) * b)
                 last_token_cycle = t
@@ -331,7 +336,8 @@ class AxiWriteMaster(wiring.Component):
                     tokens = min(cap, tokens + b)
                     last_token_cycle = t
                 tokens -= win
-                t_last = t
+                t_last = departed = t
+                word += 1
                 t += 1
             w_free = t
             b_times.append(t_last + job.b_latency)
