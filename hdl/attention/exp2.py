@@ -9,7 +9,7 @@ from amaranth.lib import wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from trilut.hdl.attention.fp32 import _stage, enable_port
+from trilut.hdl.attention.fp32 import enable_port, load_stage
 from trilut.models import attention as att
 from trilut.models import fp16 as fp
 
@@ -85,7 +85,7 @@ class Exp2Neg(wiring.Component):
         integer, guard, sticky = shifted[25:39], shifted[24], shifted[:24].any()
         s1_fixed = Signal(15, name="s1_fixed")             # X <= 2**14 when |x| < 16
         s1_big = Signal(name="s1_big")                     # |x| >= 16: flush
-        _stage(m, en[0],
+        load_stage(m, en[0],
                s1_fixed.eq(integer + (guard & (sticky | integer[0]))),
                s1_big.eq(exponent >= _FLUSH_EXPONENT))
 
@@ -95,12 +95,12 @@ class Exp2Neg(wiring.Component):
         m.d.comb += [read.addr.eq(s1_fixed[:_FRACTION]), read.en.eq(en[1])]
         s2_exp = Signal(5, name="s2_exp")
         s2_flush = Signal(name="s2_flush")
-        _stage(m, en[1],
+        load_stage(m, en[1],
                s2_exp.eq(14 - n + k_zero),
                s2_flush.eq(s1_big | (n > 13 + k_zero)))
 
         # Stage 3: pack. Bit 10 of the word is already in the exponent (k = 0).
-        _stage(m, en[2], self.y.eq(Mux(s2_flush, 0, Cat(read.data[:_FRACTION], s2_exp, 0))))
+        load_stage(m, en[2], self.y.eq(Mux(s2_flush, 0, Cat(read.data[:_FRACTION], s2_exp, 0))))
         return m
 
     def model(self, x) -> np.ndarray:

@@ -32,7 +32,7 @@ from amaranth.lib.wiring import In, Out
 from trilut.hdl.elementwise.fp16 import leading_zeros, pack, round_normalized
 from trilut.models import fp16 as fp
 
-__all__ = ["enable_port", "Fp32Add", "Fp32Mul", "Fp16ToFp32Product"]
+__all__ = ["enable_port", "load_stage", "Fp32Add", "Fp32Mul", "Fp16ToFp32Product"]
 
 _FP32 = fp.FP32
 _FP32_ARITH = fp.ElementwiseArithmetic(fp.FP32)
@@ -46,7 +46,7 @@ def enable_port(latency: int):
     return In(unsigned(latency), init=(1 << latency) - 1)
 
 
-def _stage(m: Module, enable, *assignments) -> None:
+def load_stage(m: Module, enable, *assignments) -> None:
     """Register ``assignments`` (``target.eq(value)`` statements) when ``enable`` is high."""
     with m.If(enable):
         m.d.sync += list(assignments)
@@ -107,7 +107,7 @@ class Fp32Add(wiring.Component):
         s1_sub = Signal(name="s1_subtract")
         s1_sign = Signal(name="s1_sign")                   # the result's sign unless zero
         s1_zero_sign = Signal(name="s1_zero_sign")         # an exact zero's: (-0) + (-0) only
-        _stage(m, en[0],
+        load_stage(m, en[0],
                s1_big.eq(Cat(big[:_MANT], big[_MANT:] != 0)),
                s1_small.eq(Cat(small[:_MANT], small[_MANT:] != 0)),
                s1_diff.eq(Mux(diff > 27, 27, diff)),
@@ -126,7 +126,7 @@ class Fp32Add(wiring.Component):
         s2_total = Signal(28, name="s2_total")             # |big| >= |small|: never negative
         s2_exp = Signal(8, name="s2_exp")
         s2_sign, s2_zero_sign = Signal(name="s2_sign"), Signal(name="s2_zero_sign")
-        _stage(m, en[1],
+        load_stage(m, en[1],
                s2_total.eq(Mux(s1_sub, base - aligned, base + aligned)),
                s2_exp.eq(s1_exp), s2_sign.eq(s1_sign), s2_zero_sign.eq(s1_zero_sign))
 
@@ -137,7 +137,7 @@ class Fp32Add(wiring.Component):
         s3_exp = Signal(8, name="s3_exp")
         s3_zero = Signal(name="s3_zero")
         s3_sign = Signal(name="s3_sign")
-        _stage(m, en[2],
+        load_stage(m, en[2],
                s3_total.eq(s2_total), s3_lz.eq(lz), s3_exp.eq(s2_exp),
                s3_zero.eq(s2_total == 0),
                s3_sign.eq(Mux(s2_total == 0, s2_zero_sign, s2_sign)))
@@ -153,7 +153,7 @@ class Fp32Add(wiring.Component):
         s4_rounded = Signal(25, name="s4_rounded")
         s4_exp = Signal(signed(10), name="s4_exp")
         s4_zero, s4_sign = Signal(name="s4_zero"), Signal(name="s4_sign")
-        _stage(m, en[3],
+        load_stage(m, en[3],
                s4_rounded.eq(norm[3:27] + (norm[2] & (norm[:2].any() | norm[3]))),
                s4_exp.eq(norm_exp), s4_zero.eq(s3_zero), s4_sign.eq(s3_sign))
 
@@ -162,7 +162,7 @@ class Fp32Add(wiring.Component):
         m.d.comb += final_exp.eq(s4_exp + s4_rounded[24])
         code = Signal(32)
         pack(m, code, _FP32, sign=s4_sign, exponent=final_exp, rounded=s4_rounded, zero=s4_zero)
-        _stage(m, en[4], self.y.eq(code))
+        load_stage(m, en[4], self.y.eq(code))
         return m
 
     def model(self, a, b) -> np.ndarray:
@@ -202,7 +202,7 @@ class Fp32Mul(wiring.Component):
         s1_product = Signal(48, name="s1_product")
         s1_exp = Signal(signed(10), name="s1_exp")          # biased; -125 .. 383
         s1_sign, s1_zero = Signal(name="s1_sign"), Signal(name="s1_zero")
-        _stage(m, en[0],
+        load_stage(m, en[0],
                s1_product.eq(Cat(a[:_MANT], exp_a != 0) * Cat(b[:_MANT], exp_b != 0)),
                s1_exp.eq(exp_a + exp_b - _BIAS),
                s1_sign.eq(a[31] ^ b[31]),
@@ -211,7 +211,7 @@ class Fp32Mul(wiring.Component):
         s2_product = Signal(48, name="s2_product")
         s2_exp = Signal(signed(10), name="s2_exp")
         s2_sign, s2_zero = Signal(name="s2_sign"), Signal(name="s2_zero")
-        _stage(m, en[1], s2_product.eq(s1_product), s2_exp.eq(s1_exp),
+        load_stage(m, en[1], s2_product.eq(s1_product), s2_exp.eq(s1_exp),
                s2_sign.eq(s1_sign), s2_zero.eq(s1_zero))
 
         # The product is in [2**46, 2**48) unless an operand is zero.
@@ -219,7 +219,7 @@ class Fp32Mul(wiring.Component):
         s3_rounded = Signal(25, name="s3_rounded")
         s3_exp = Signal(signed(10), name="s3_exp")
         s3_sign, s3_zero = Signal(name="s3_sign"), Signal(name="s3_zero")
-        _stage(m, en[2], s3_rounded.eq(rounded), s3_exp.eq(s2_exp + top),
+        load_stage(m, en[2], s3_rounded.eq(rounded), s3_exp.eq(s2_exp + top),
                s3_sign.eq(s2_sign), s3_zero.eq(s2_zero))
 
         final_exp = Signal(signed(11))
@@ -227,7 +227,7 @@ class Fp32Mul(wiring.Component):
         code = Signal(32)
         pack(m, code, _FP32, sign=s3_sign, exponent=final_exp, rounded=s3_rounded,
              zero=s3_zero)
-        _stage(m, en[3], self.y.eq(code))
+        load_stage(m, en[3], self.y.eq(code))
         return m
 
     def model(self, a, b) -> np.ndarray:
@@ -267,7 +267,7 @@ class Fp16ToFp32Product(wiring.Component):
         s1_product = Signal(22, name="s1_product")
         s1_exp = Signal(8, name="s1_exp")                  # fp32 biased, before normalizing
         s1_sign, s1_zero = Signal(name="s1_sign"), Signal(name="s1_zero")
-        _stage(m, en[0],
+        load_stage(m, en[0],
                s1_product.eq(Cat(a[:mant16], 1) * Cat(b[:mant16], 1)),
                # (ea - 15) + (eb - 15) + 127: 99 .. 159 for normal operands.
                s1_exp.eq(exp_a + exp_b + (_BIAS - 2 * fp.FP16.bias)),
@@ -278,7 +278,7 @@ class Fp16ToFp32Product(wiring.Component):
         mant = Mux(top, Cat(Const(0, 2), s1_product[:21]), Cat(Const(0, 3), s1_product[:20]))
         code = Mux(s1_zero, Cat(Const(0, 31), s1_sign),
                    Cat(mant, (s1_exp + top)[:8], s1_sign))
-        _stage(m, en[1], self.y.eq(code))
+        load_stage(m, en[1], self.y.eq(code))
         return m
 
     def model(self, a, b) -> np.ndarray:

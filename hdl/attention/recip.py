@@ -10,7 +10,7 @@ from amaranth.lib import wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from trilut.hdl.attention.fp32 import _stage, enable_port
+from trilut.hdl.attention.fp32 import enable_port, load_stage
 from trilut.models import attention as att
 from trilut.models import fp16 as fp
 
@@ -37,7 +37,8 @@ class Recip32(wiring.Component):
     (24 x 17 and 18 x 12 bits; the added terms are the post-adder's ``C`` input). ``Y1`` is in
     ``[2**16, 2**18)``: the result's significand is ``Y1`` normalised by a one-place mux,
     its biased exponent ``253 - e`` (``252 - e`` when ``Y1 < 2**17``), flushed to +0 below 1
-    (``v`` of 2**125 and above). Nothing saturates: the largest result is below 2**126.
+    (``v`` from 2**126 up, or from 2**125 when ``Y1 < 2**17``). Nothing saturates: the largest
+    result is below 2**126.
 
     The 128 x 18-bit table is a LUT ROM (``Memory`` with a combinational read port: 18 outputs
     of a 7-input function, two LUT6 and a MUXF7 each); a RAMB18 would be mostly empty.
@@ -74,7 +75,7 @@ class Recip32(wiring.Component):
         s1_y0 = Signal(_Q, name="s1_y0")
         s1_m = Signal(_MANT + 1, name="s1_m")
         s1_exp = Signal(8, name="s1_exp")
-        _stage(m, en[0], s1_y0.eq(lookup.data), s1_m.eq(Cat(v[:_MANT], 1)),
+        load_stage(m, en[0], s1_y0.eq(lookup.data), s1_m.eq(Cat(v[:_MANT], 1)),
                s1_exp.eq(exponent))
 
         # Stages 2, 3: T = (M * Y0) >> 23.
@@ -82,12 +83,12 @@ class Recip32(wiring.Component):
         s2_m = Signal(_MANT + 1, name="s2_m")
         s2_y0 = Signal(_Q, name="s2_y0")
         s2_exp = Signal(8, name="s2_exp")
-        _stage(m, en[1], s2_low.eq(s1_m * s1_y0[:_Q - 1]), s2_m.eq(s1_m), s2_y0.eq(s1_y0),
+        load_stage(m, en[1], s2_low.eq(s1_m * s1_y0[:_Q - 1]), s2_m.eq(s1_m), s2_y0.eq(s1_y0),
                s2_exp.eq(s1_exp))
         s3_p = Signal(_MANT + 1 + _Q, name="s3_p")        # M * Y0: 42 bits
         s3_y0 = Signal(_Q, name="s3_y0")
         s3_exp = Signal(8, name="s3_exp")
-        _stage(m, en[2], s3_p.eq(s2_low + (s2_m << (_Q - 1))), s3_y0.eq(s2_y0),
+        load_stage(m, en[2], s3_p.eq(s2_low + (s2_m << (_Q - 1))), s3_y0.eq(s2_y0),
                s3_exp.eq(s2_exp))
 
         # Stage 4: E = 2**18 - T, modulo 2**12 (|E| <= 1020).
@@ -95,16 +96,16 @@ class Recip32(wiring.Component):
         s4_e = Signal(signed(NEWTON_CORRECTION_BITS), name="s4_e")
         s4_y0 = Signal(_Q, name="s4_y0")
         s4_exp = Signal(8, name="s4_exp")
-        _stage(m, en[3], s4_e.eq(-t_low), s4_y0.eq(s3_y0), s4_exp.eq(s3_exp))
+        load_stage(m, en[3], s4_e.eq(-t_low), s4_y0.eq(s3_y0), s4_exp.eq(s3_exp))
 
         # Stages 5, 6: Y1 = Y0 + ((Y0 * E) >> 18), the >> an arithmetic (floor) shift.
         s5_prod = Signal(signed(_Q + NEWTON_CORRECTION_BITS + 1), name="s5_prod")
         s5_y0 = Signal(_Q, name="s5_y0")
         s5_exp = Signal(8, name="s5_exp")
-        _stage(m, en[4], s5_prod.eq(s4_y0 * s4_e), s5_y0.eq(s4_y0), s5_exp.eq(s4_exp))
+        load_stage(m, en[4], s5_prod.eq(s4_y0 * s4_e), s5_y0.eq(s4_y0), s5_exp.eq(s4_exp))
         s6_y1 = Signal(_Q, name="s6_y1")                  # in [2**16, 2**18)
         s6_exp = Signal(8, name="s6_exp")
-        _stage(m, en[5], s6_y1.eq(s5_y0 + (s5_prod >> _Q)), s6_exp.eq(s5_exp))
+        load_stage(m, en[5], s6_y1.eq(s5_y0 + (s5_prod >> _Q)), s6_exp.eq(s5_exp))
 
         # Stage 7: normalise by one place, exponent, flush, pack.
         top = s6_y1[_Q - 1]
@@ -113,7 +114,7 @@ class Recip32(wiring.Component):
         m.d.comb += biased.eq(252 + top - s6_exp)
         code = Mux(s6_exp == 0, fp.FP32.max_code,
                    Mux(biased < 1, 0, Cat(mant, biased[:8], 0)))
-        _stage(m, en[6], self.y.eq(code))
+        load_stage(m, en[6], self.y.eq(code))
         return m
 
     def model(self, v) -> np.ndarray:
