@@ -46,7 +46,7 @@ __all__ = [
     "EXP2_FRACTION_BITS", "exp2_table", "exp2_neg", "RECIP_INDEX_BITS",
     "RECIP_FRACTION_BITS", "recip_table", "recip_fp32", "score_scale",
     "rope_permutation", "rope_tables", "fp16_rope", "fp32_dot", "scores",
-    "online_attention", "two_pass_attention", "kv_head_of",
+    "online_attention", "two_pass_attention", "kv_head_of", "rope_table_beats",
 ]
 
 #: Fraction bits of exp2's fixed-point argument (its table has 2**10 entries).
@@ -298,3 +298,30 @@ def two_pass_attention(q, k, v, *, position: int, lanes: int) -> np.ndarray:
         l = FP32.round(l + p[:, j:j + 1])
         o = FP32.round(o + p[:, j:j + 1, None] * kv_v[:, j:j + 1, :])
     return _finish(o, l)
+
+
+# --- the RoPE unit's table stream ---------------------------------------------------------------
+
+def rope_table_beats(cos, sin, lanes: int) -> list[int]:
+    """The table stream of the RoPE unit (``trilut.hdl.attention.rope.Rope``): fp16 codes
+    ``cos, sin[T, d/2]`` (:func:`rope_tables`) -> per position ``d / lanes`` beats of
+    ``lanes`` fp16 codes (lane 0 lowest), pair ``i`` in lanes ``2i`` (cos) and ``2i + 1``
+    (sin) of beat ``2i // lanes``: the lanes of the ``x`` beat it rotates."""
+    if (isinstance(lanes, bool) or not isinstance(lanes, int) or lanes < 2
+            or lanes & (lanes - 1)):
+        raise ValueError(f"RoPE lanes must be an even power of two, not {lanes!r}")
+    cos, sin = np.asarray(cos), np.asarray(sin)
+    if cos.ndim != 2 or sin.shape != cos.shape:
+        raise ValueError(f"cos and sin must be [T, d/2] codes of one shape, not {cos.shape} "
+                         f"and {sin.shape}")
+    for name, table in (("cos", cos), ("sin", sin)):
+        if table.size and (table.min() < 0 or table.max() > 0xFFFF
+                           or np.any(table != np.floor(table))):
+            raise ValueError(f"{name} must hold fp16 codes (integers 0 .. 0xFFFF)")
+    d = 2 * cos.shape[1]
+    if d % lanes:
+        raise ValueError(f"head_dim {d} (2 x {cos.shape[1]} pairs) is not a multiple of "
+                         f"lanes {lanes}")
+    interleaved = np.empty((cos.shape[0], d), dtype="<u2")
+    interleaved[:, 0::2], interleaved[:, 1::2] = cos, sin
+    return [int.from_bytes(beat.tobytes(), "little") for beat in interleaved.reshape(-1, lanes)]
