@@ -629,3 +629,61 @@ def test_resources(name):
     print(name, total)
     assert (total["dsp"], total["bram36"], total["uram"]) == (dsp, bram, 0)
     assert total["lut"] <= luts and total["ff"] <= ffs
+
+
+# --------------------------------------------------------------------------------------------
+# Fp32Mul with an fp16 result (the decode unit's ``round16(o * (1/l))``), fast tier.
+
+#: (a, b, fp16 code of the product rounded once): ties, double-rounding traps, flush, saturation.
+FP16_OUTPUT_CASES = [
+    (0x3F80_0800, 0x3F80_0800, 0x3C01),   # (1 + 2**-12)**2 = 1 + 2**-11 + 2**-24: above the tie
+    (0x3F80_1000, 0x3F80_0000, 0x3C00),   # 1 + 2**-11 exactly: the tie, to even (1)
+    (0x3F80_3000, 0x3F80_0000, 0x3C02),   # 1 + 3 * 2**-11: the tie, to even (1 + 2**-9)
+    (0x3F80_1000, 0x3F80_0001, 0x3C01),   # just above the tie
+    (0x3880_0000, 0x3F80_0000, 0x0400),   # 2**-14, the smallest normal
+    (0x387F_F000, 0x3F80_0000, 0x0400),   # 2**-14 (1 - 2**-12): rounds up to it, kept
+    (0x387F_E000, 0x3F80_0000, 0x0000),   # 2**-14 (1 - 2**-11): exactly representable below
+    (0xB87F_E000, 0x3F80_0000, 0x8000),   # ... flushed to a zero of its sign
+    (0x477F_E000, 0x3F80_0000, 0x7BFF),   # 65504
+    (0x477F_EFFF, 0x3F80_0000, 0x7BFF),   # just below the saturating tie 65520
+    (0x477F_F000, 0x3F80_0000, 0x7BFF),   # 65520: rounds to 65536, saturated
+    (0xC780_0000, 0x4000_0000, 0xFBFF),   # -131072: saturated
+    (0x0000_0000, 0xBF80_0000, 0x8000),   # +0 * -1 = -0
+    (0x0000_0001, 0x3F80_0000, 0x0000),   # a subnormal reads as zero
+    (0x7F7F_FFFF, 0x0080_0000, 0x4400),   # max * 2**-126 = 4 (1 - 2**-24): rounds to 4
+]
+
+
+@pytest.mark.fast
+def test_fp32_mul_fp16_output_model_rounds_once():
+    block = Fp32Mul(output=FP16)
+    for a, b, want in FP16_OUTPUT_CASES:
+        assert int(block.model(np.uint32(a), np.uint32(b))) == want, (hex(a), hex(b))
+    # Rounding to fp32 first would give the tie, then 1: not the one rounding.
+    twice = FP16.from_float(FP32.round(FP32.decode(np.uint32(0x3F80_0800)) ** 2))
+    assert int(twice) == 0x3C00
+    assert Fp32Mul().y.shape().width == 32 and block.y.shape().width == 16
+
+
+@pytest.mark.fast
+def test_fp32_mul_fp16_output_unit_matches_model():
+    rng = np.random.default_rng(7)
+    a, b = _fp32_pairs(rng, 12_000)
+    # The softmax's operands: o (sums of p v) times 1/l, and products near fp16's edges.
+    o = f32(rng.standard_normal(4000) * np.exp2(rng.integers(-30, 20, 4000)))
+    r = f32(np.exp2(-rng.uniform(0, 12, 4000)))
+    cases = np.array(FP16_OUTPUT_CASES, dtype=np.uint32)
+    a = np.concatenate([a, o, cases[:, 0], cases[:, 1]]).astype(np.uint32)
+    b = np.concatenate([b, r, cases[:, 1], cases[:, 0]]).astype(np.uint32)
+    dut = Fp32Mul(output=FP16)
+    got = simulate(dut, {"a": a, "b": b})
+    assert_codes_equal(got, dut.model(a, b), {"a": a, "b": b}, width=4)
+    stalled = simulate_stalled(Fp32Mul(output=FP16), {"a": a[:1200], "b": b[:1200]}, seed=3)
+    assert_codes_equal(stalled, dut.model(a[:1200], b[:1200]), {}, width=4)
+
+
+@pytest.mark.parametrize("output", [fp.FloatFormat("fp8", exponent_bits=4, precision=4), 16])
+@pytest.mark.fast
+def test_fp32_mul_refuses_other_output_formats(output):
+    with pytest.raises(ValueError, match="output must be models.fp16.FP32 or FP16"):
+        Fp32Mul(output=output)

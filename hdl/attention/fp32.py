@@ -185,26 +185,42 @@ class Fp32Mul(wiring.Component):
        24-bit increment);
     4. the round's carry into the exponent, flush below exponent 1, saturate above 254,
        pack. A zero product is a zero of the XOR of the signs.
+
+    ``output`` (keyword, default ``FP32``) is the result's format: with ``FP16``, ``y`` is
+    the fp16 code of ``FP16.round(a * b)``, the exact 48-bit product rounded *once* to 11
+    bits (the softmax's ``round16(o * (1/l))``; rounding to fp32 first and then to fp16 is
+    not the same: a 24-bit significand that rounds up to fp32's half-ulp tie of fp16 rounds
+    to even the second time). The same stages and DSPs; stage 3 keeps 11 bits and the
+    exponent is rebiased for fp16 (flush below 2**-14, saturate at 65504, after rounding).
     """
 
-    a: In(unsigned(32))
-    b: In(unsigned(32))
-    en: enable_port(4)
-    y: Out(unsigned(32))
-
     latency = 4
+
+    def __init__(self, *, output: fp.FloatFormat = fp.FP32):
+        if output is not fp.FP32 and output is not fp.FP16:
+            raise ValueError(f"Fp32Mul's output must be models.fp16.FP32 or FP16, not "
+                             f"{output!r}")
+        self.output = output
+        super().__init__({
+            "a": In(unsigned(32)),
+            "b": In(unsigned(32)),
+            "en": enable_port(self.latency),
+            "y": Out(unsigned(output.width)),
+        })
 
     def elaborate(self, platform):
         m = Module()
         en = self.en
         a, b = self.a, self.b
+        out = self.output
         exp_a, exp_b = a[_MANT:31], b[_MANT:31]
         s1_product = Signal(48, name="s1_product")
-        s1_exp = Signal(signed(10), name="s1_exp")          # biased; -125 .. 383
+        s1_exp = Signal(signed(10), name="s1_exp")          # biased; fp32 -127 .. 383
         s1_sign, s1_zero = Signal(name="s1_sign"), Signal(name="s1_zero")
         load_stage(m, en[0],
                s1_product.eq(Cat(a[:_MANT], exp_a != 0) * Cat(b[:_MANT], exp_b != 0)),
-               s1_exp.eq(exp_a + exp_b - _BIAS),
+               # The product's exponent, biased for the output format.
+               s1_exp.eq(exp_a + exp_b - _BIAS - (_BIAS - out.bias)),
                s1_sign.eq(a[31] ^ b[31]),
                s1_zero.eq((exp_a == 0) | (exp_b == 0)))
 
@@ -215,23 +231,26 @@ class Fp32Mul(wiring.Component):
                s2_sign.eq(s1_sign), s2_zero.eq(s1_zero))
 
         # The product is in [2**46, 2**48) unless an operand is zero.
-        rounded, top = round_normalized(m, s2_product, _FP32.precision, "round")
-        s3_rounded = Signal(25, name="s3_rounded")
+        rounded, top = round_normalized(m, s2_product, out.precision, "round")
+        s3_rounded = Signal(out.precision + 1, name="s3_rounded")
         s3_exp = Signal(signed(10), name="s3_exp")
         s3_sign, s3_zero = Signal(name="s3_sign"), Signal(name="s3_zero")
         load_stage(m, en[2], s3_rounded.eq(rounded), s3_exp.eq(s2_exp + top),
                s3_sign.eq(s2_sign), s3_zero.eq(s2_zero))
 
         final_exp = Signal(signed(11))
-        m.d.comb += final_exp.eq(s3_exp + s3_rounded[24])
-        code = Signal(32)
-        pack(m, code, _FP32, sign=s3_sign, exponent=final_exp, rounded=s3_rounded,
+        m.d.comb += final_exp.eq(s3_exp + s3_rounded[out.precision])
+        code = Signal(out.width)
+        pack(m, code, out, sign=s3_sign, exponent=final_exp, rounded=s3_rounded,
              zero=s3_zero)
         load_stage(m, en[3], self.y.eq(code))
         return m
 
     def model(self, a, b) -> np.ndarray:
-        """fp32 codes -> ``round32(a * b)`` codes."""
+        """fp32 codes -> codes of ``a * b`` rounded once to the output format (the float64
+        product of two fp32 values is exact)."""
+        if self.output is fp.FP16:
+            return fp.FP16.encode(fp.FP16.round(_FP32.decode(a) * _FP32.decode(b)))
         return _FP32.encode(_FP32_ARITH.mul(_FP32.decode(a), _FP32.decode(b)))
 
 
