@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from trilut.config import DdrSimConfig, EngineConfig
+from trilut.config import DatapathConfig, DdrSimConfig, EngineConfig
 from trilut.host.schedule import ddr_depth_for, weight_feed
 from trilut.host.weight_image import WeightImage
 from trilut.models import numerics as nm
@@ -65,6 +65,17 @@ def _ddr_params(ddr: DdrSimConfig, depth: int) -> dict:
     return {"ddr": ddr, "ddr_depth": depth}
 
 
+def _datapath(image: WeightImage, tile_beats: int, max_outstanding: "int | None", **kw
+              ) -> DatapathConfig:
+    """The datapath configuration a request builds its block from: the image's DDR word
+    width, the engine's lanes, the run's tile depth (and bursts in flight, norm epsilon,
+    activation when given); the other fields are ``DatapathConfig``'s."""
+    if max_outstanding is not None:
+        kw["max_outstanding"] = max_outstanding
+    return DatapathConfig(ddr_word_bits=image.ddr_word_bits, tile_beats=tile_beats,
+                          lanes=image.engine.columns_per_cycle, **kw)
+
+
 # --- the TLMM engine alone --------------------------------------------------------------------
 
 def tlmm_job(cfg: EngineConfig, cases: list[TlmmCase]) -> BlockJob:
@@ -97,7 +108,7 @@ def tlmm_job(cfg: EngineConfig, cases: list[TlmmCase]) -> BlockJob:
 
 def layer_from_ddr_job(image: WeightImage, layer: str, acts: np.ndarray, *, tile_beats: int,
                        ddr: DdrSimConfig, ddr_depth: int = 8192, stall: float = 0.0,
-                       seed: int = 1) -> BlockJob:
+                       seed: int = 1, max_outstanding: "int | None" = None) -> BlockJob:
     """``acts``: int8 ``[M, K]``; the weights come from the image, placed in the DDR."""
     cfg = image.engine
     values = image.layer_values(layer)
@@ -114,7 +125,7 @@ def layer_from_ddr_job(image: WeightImage, layer: str, acts: np.ndarray, *, tile
                 "acts": nm.tlmm_act_beats(acts, cfg.code, T, C, D, n)},
         expected={"results": nm.tlmm_result_beats(exact, C, cfg.acc_width)})
     request = BlockRequest("weight_fed_tlmm", {
-        "engine": cfg, "word_bits": image.ddr_word_bits, "tile_beats": tile_beats,
+        "engine": cfg, "datapath": _datapath(image, tile_beats, max_outstanding),
         **_ddr_params(ddr, ddr_depth)})
     return BlockJob(request, StreamRun([phase], memory=feed.memory, clean_flags=_DDR_FLAGS),
                     [exact], "results",
@@ -134,7 +145,8 @@ def _fp32_code(value: float) -> int:
 
 def bitlinear_job(image: WeightImage, layer: str, norm: str, x: np.ndarray, *,
                   tile_beats: int, ddr: DdrSimConfig, eps: float, ddr_depth: int = 8192,
-                  stall: float = 0.0, seed: int = 1) -> BlockJob:
+                  stall: float = 0.0, seed: int = 1,
+                  max_outstanding: "int | None" = None) -> BlockJob:
     """``x``: fp16 codes ``[M, K]`` entering the layer's norm ``norm`` (an image norm name)."""
     cfg = image.engine
     lanes = cfg.columns_per_cycle
@@ -156,8 +168,9 @@ def bitlinear_job(image: WeightImage, layer: str, norm: str, x: np.ndarray, *,
                 "norm_weight": nm.lane_beats(np.tile(norm_w, (m, 1)), lanes)},
         expected={"y": nm.lane_beats(expected, lanes)})
     request = BlockRequest("bitlinear", {
-        "engine": cfg, "max_k": -(-k // block_k) * block_k, "word_bits": image.ddr_word_bits,
-        "tile_beats": tile_beats, "eps": eps, **_ddr_params(ddr, ddr_depth)})
+        "engine": cfg, "max_k": -(-k // block_k) * block_k,
+        "datapath": _datapath(image, tile_beats, max_outstanding, norm_eps=eps),
+        **_ddr_params(ddr, ddr_depth)})
     return BlockJob(request, StreamRun([phase], memory=feed.memory, clean_flags=_DDR_FLAGS),
                     [expected], "y", lambda i, beats: nm.unpack_lane_beats(beats, m, n, lanes),
                     weight_words=feed.words_read)
@@ -186,7 +199,7 @@ def ffn_level2(image: WeightImage, h: np.ndarray, *, activation: str, eps: float
 
 def ffn_job(image: WeightImage, h: np.ndarray, *, activation: str, tile_beats: int,
             ddr: DdrSimConfig, eps: float, layer: int = 0, stall: float = 0.0,
-            seed: int = 1) -> BlockJob:
+            seed: int = 1, max_outstanding: "int | None" = None) -> BlockJob:
     """``h``: fp16 codes ``[M, hidden]``, the residual stream entering the FFN."""
     cfg = image.engine
     lanes = cfg.columns_per_cycle
@@ -210,8 +223,9 @@ def ffn_job(image: WeightImage, h: np.ndarray, *, activation: str, tile_beats: i
                 "sub_norm_weight": nm.lane_beats(np.tile(sub_w, (m, 1)), lanes)},
         expected={"y": nm.lane_beats(expected, lanes)})
     request = BlockRequest("ffn_block", {
-        "engine": cfg, "hidden": hidden, "ffn": ffn, "activation": activation,
-        "word_bits": image.ddr_word_bits, "tile_beats": tile_beats, "eps": eps,
+        "engine": cfg, "hidden": hidden, "ffn": ffn,
+        "datapath": _datapath(image, tile_beats, max_outstanding, norm_eps=eps,
+                              activation=activation),
         **_ddr_params(ddr, depth)})
     return BlockJob(request, StreamRun([phase], memory=memory, clean_flags=_DDR_FLAGS),
                     [expected], "y",

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from trilut.config import DdrSimConfig, EngineConfig
+from trilut.config import DatapathConfig, DdrSimConfig, EngineConfig
 from trilut.hdl.linear.bitlinear import BitLinear
 from trilut.host.layer_runs import bitlinear_job, run_job
 from trilut.host.weight_image import compile_weight_image
@@ -24,6 +24,7 @@ EPS = 1e-5
 
 ENGINE = EngineConfig(group_size=3, tables_per_step=4, columns_per_cycle=4, accumulator_depth=16,
                       max_k=1024)
+DATAPATH = DatapathConfig(ddr_word_bits=64, tile_beats=512, lanes=4, norm_eps=EPS)
 SETTINGS = {
     "ddr-full-rate": DdrSimConfig(latency=20, beats_per_window=1, window=1),
     "ddr-half-rate": DdrSimConfig(latency=40, beats_per_window=1, window=2),
@@ -52,7 +53,7 @@ def test_bitlinear_bit_exact_under_stalls(tiny, setting, layer, norm, tmp_path):
                         stall=0.3, seed=5)
     (y,), _ = run_job(SimulationTransport(tmp_path), job)
     n, k = image.layer_values(layer).shape
-    hw = BitLinear(ENGINE, max_k=k, word_bits=64, tile_beats=512, eps=EPS)
+    hw = BitLinear(ENGINE, DATAPATH, max_k=k)
     norm_w = np.asarray(image.norm(norm)).astype(np.float16).view(np.uint16)
     np.testing.assert_array_equal(y, hw.model(x, norm_w, image.layer_values(layer),
                                               float(image.scale(layer))))
@@ -63,7 +64,7 @@ def test_bitlinear_numerics_against_the_float_golden_model(tiny):
     """Level 2 (what the RTL computes, bit for bit) against level 1 (float32 golden model)."""
     model, image, h = tiny
     for layer, norm in LAYERS:
-        hw = BitLinear(ENGINE, max_k=256, word_bits=64, tile_beats=512)
+        hw = BitLinear(ENGINE, DATAPATH, max_k=256)
         x = nm.fp16_from_float(h.double().numpy())
         norm_w = np.asarray(image.norm(norm)).astype(np.float16).view(np.uint16)
         level2 = nm.fp16_to_float(hw.model(x, norm_w, image.layer_values(layer),

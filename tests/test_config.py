@@ -269,7 +269,7 @@ SMALL = EngineConfig(group_size=2, tables_per_step=9, columns_per_cycle=4, accum
 @pytest.mark.parametrize("uram", [True, False])
 def test_config_count_is_the_weight_buffer_count(engine, tile_beats, one_memory, uram):
     from trilut.hdl.memory.weight_buffer import WeightBuffer
-    buffer = WeightBuffer(engine, tile_beats=tile_beats, one_memory=one_memory)
+    buffer = WeightBuffer(engine, tile_beats=tile_beats, word_bits=128, one_memory=one_memory)
     blocks = weight_buffer_blocks(engine, tile_beats=tile_beats, uram=uram, one_memory=one_memory)
     assert blocks == buffer.memory_blocks(uram=uram)
     assert blocks["bram36" if uram else "uram"] == 0
@@ -282,7 +282,7 @@ def test_kv260_weight_buffer_counts():
     no_uram = replace(board, resources=replace(board.resources, uram=0))
     assert weight_buffer_blocks(e, tile_beats=tile, uram=True) == {"uram": 64, "bram36": 0}
     assert weight_buffer_blocks(e, tile_beats=tile, uram=False) == {"uram": 0, "bram36": 498}
-    buffer = WeightBuffer(e, tile_beats=tile)
+    buffer = WeightBuffer(e, tile_beats=tile, word_bits=128)
     assert buffer.memory_blocks(board) == {"uram": 64, "bram36": 0}
     assert buffer.memory_blocks(no_uram) == {"uram": 0, "bram36": 498}
     # The small engine: 2 URAM288 columns per bank, or 16 RAMB36E2 (4096 x 9) per bank.

@@ -9,11 +9,13 @@ error of that numerics against the float golden model (``model.layers[0].mlp`` a
 stall against the weight-feed bound, printed.
 """
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 
-from trilut.config import DdrSimConfig, EngineConfig
+from trilut.config import DatapathConfig, DdrSimConfig, EngineConfig
 from trilut.hdl.decoder.ffn_block import FfnBlock
 from trilut.host.layer_runs import ffn_job, ffn_layers, ffn_level2, run_job
 from trilut.host.weight_image import compile_weight_image
@@ -51,6 +53,7 @@ def block_model(block, image, h):
 
 ENGINE = EngineConfig(group_size=3, tables_per_step=4, columns_per_cycle=4, accumulator_depth=16,
                       max_k=1024)
+DATAPATH = DatapathConfig(ddr_word_bits=64, tile_beats=512, lanes=4, norm_eps=EPS)
 SETTINGS = {
     "ddr-full-rate": DdrSimConfig(latency=20, beats_per_window=1, window=1),
     "ddr-half-rate": DdrSimConfig(latency=40, beats_per_window=1, window=2),
@@ -81,7 +84,7 @@ def test_ffn_block_bit_exact_under_stalls(tiny, setting, tmp_path):
     model, image, h = tiny
     x = nm.fp16_from_float(h[:2].double().numpy())
     job, y, _ = run_ffn(image, x, ddr=SETTINGS[setting], stall=0.3, seed=7, run_dir=tmp_path)
-    block = FfnBlock(ENGINE, hidden=256, ffn=640, word_bits=64, tile_beats=512, eps=EPS)
+    block = FfnBlock(ENGINE, DATAPATH, hidden=256, ffn=640)
     np.testing.assert_array_equal(y, block_model(block, image, x))
     np.testing.assert_array_equal(y, job.expected[0])
 
@@ -91,8 +94,7 @@ def test_ffn_block_silu_bit_exact_under_stalls(tiny_silu, tmp_path):
     x = nm.fp16_from_float(h[:1].double().numpy())
     job, y, _ = run_ffn(image, x, activation="silu", ddr=SETTINGS["ddr-full-rate"], stall=0.3,
                         seed=11, run_dir=tmp_path)
-    block = FfnBlock(ENGINE, hidden=256, ffn=640, activation="silu", word_bits=64,
-                     tile_beats=512, eps=EPS)
+    block = FfnBlock(ENGINE, replace(DATAPATH, activation="silu"), hidden=256, ffn=640)
     np.testing.assert_array_equal(y, block_model(block, image, x))
 
 
@@ -115,8 +117,8 @@ def test_ffn_block_cycles_against_the_weight_feed_bound(tiny, setting, tmp_path)
 def test_ffn_block_numerics_against_the_float_golden_model(fixture, request):
     """Level 2 (what the RTL computes, bit for bit) against level 1 (float32 golden model)."""
     model, image, h = request.getfixturevalue(fixture)
-    block = FfnBlock(ENGINE, hidden=256, ffn=640, activation=model.config.hidden_act,
-                     word_bits=64, tile_beats=512)
+    block = FfnBlock(ENGINE, replace(DATAPATH, activation=model.config.hidden_act), hidden=256,
+                     ffn=640)
     x = nm.fp16_from_float(h.double().numpy())
     codes = block_model(block, image, x)
     np.testing.assert_array_equal(

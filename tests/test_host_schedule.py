@@ -28,7 +28,7 @@ def test_tile_command_is_the_weight_buffer_layout(tile_beats):
 
 
 def test_read_command_is_the_axi_master_layout():
-    master = AxiReadMaster(data_width=64)
+    master = AxiReadMaster(data_width=64, max_outstanding=4)
     for addr, words in [(0, 1), (0x12_3456_7800, 300), ((1 << 40) - 8, 5)]:
         packed = Const.cast(master.cmd_layout.const({"addr": addr, "length": words})).value
         assert read_command(addr, words) == packed

@@ -85,7 +85,7 @@ def test_one_memory_puts_both_banks_in_one_uram_depth(cache):
 
 def test_memory_blocks_follow_the_board_and_the_depth():
     kv260 = load_board("kv260")
-    buffer = WeightBuffer(kv260.engine)
+    buffer = WeightBuffer(kv260.engine, tile_beats=4096, word_bits=WORD_BITS)
     # 2240-bit beat: 32 URAM288 per bank, 64 in all = every URAM288 of the XCK26.
     assert buffer.uram_columns == 32 and buffer.uram_cascade == 1
     assert buffer.memory_blocks(kv260) == {"uram": 64, "bram36": 0}
@@ -95,13 +95,14 @@ def test_memory_blocks_follow_the_board_and_the_depth():
     no_uram = replace(kv260, resources=replace(kv260.resources, uram=0))
     assert buffer.memory_blocks(no_uram) == {"uram": 0, "bram36": 498}
     # 512-deep banks fit BRAM36 as 512 x 72: as many as URAM288.
-    shallow = WeightBuffer(kv260.engine, tile_beats=512)
+    shallow = WeightBuffer(kv260.engine, tile_beats=512, word_bits=WORD_BITS)
     assert shallow.memory_blocks(no_uram)["bram36"] == 64 == shallow.memory_blocks()["uram"]
     # Deeper than one URAM288: cascaded in depth.
-    deep = WeightBuffer(kv260.engine, tile_beats=3 * 4096)
+    deep = WeightBuffer(kv260.engine, tile_beats=3 * 4096, word_bits=WORD_BITS)
     assert deep.uram_cascade == 3 and deep.memory_blocks() == {"uram": 192, "bram36": 0}
     # Both banks in one memory: 2048-deep banks share one URAM288 depth, half the URAM.
-    shared = WeightBuffer(kv260.engine, tile_beats=2048, one_memory=True)
+    shared = WeightBuffer(kv260.engine, tile_beats=2048, word_bits=WORD_BITS, one_memory=True)
     assert shared.memory_blocks(kv260) == {"uram": 32, "bram36": 0}
-    assert WeightBuffer(kv260.engine, tile_beats=4096, one_memory=True).memory_blocks() == \
+    assert WeightBuffer(kv260.engine, tile_beats=4096, word_bits=WORD_BITS,
+                        one_memory=True).memory_blocks() == \
         {"uram": 64, "bram36": 0}

@@ -39,7 +39,7 @@ from amaranth.hdl import Module, Mux, Signal, unsigned
 from amaranth.lib import fifo, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from trilut.config import EngineConfig
+from trilut.config import DatapathConfig, EngineConfig
 from trilut.hdl.elementwise.activation import GatedActivation
 from trilut.hdl.elementwise.dequant import Dequantizer
 from trilut.hdl.elementwise.lanes import lane_layout
@@ -54,24 +54,6 @@ __all__ = ["FfnBlock"]
 GATE, UP, DOWN = 0, 1, 2
 
 
-class _LaneFifo(wiring.Component):
-    """A stream FIFO of fp16 lane beats (``SyncFIFOBuffered``)."""
-
-    def __init__(self, lanes: int, depth: int):
-        self.lanes, self.depth = lanes, depth
-        super().__init__({"i": In(stream.Signature(lane_layout(lanes))),
-                          "o": Out(stream.Signature(lane_layout(lanes)))})
-
-    def elaborate(self, platform):
-        m = Module()
-        m.submodules.fifo = f = fifo.SyncFIFOBuffered(width=16 * self.lanes, depth=self.depth)
-        m.d.comb += [f.w_data.eq(self.i.payload.as_value()), f.w_en.eq(self.i.valid),
-                     self.i.ready.eq(f.w_rdy),
-                     self.o.payload.as_value().eq(f.r_data), self.o.valid.eq(f.r_rdy),
-                     f.r_en.eq(self.o.ready)]
-        return m
-
-
 class FfnBlock(wiring.Component):
     """``y = h + down(sub_norm(act(gate(norm(h))) * up(norm(h))))`` per row of ``hidden`` fp16.
 
@@ -83,10 +65,16 @@ class FfnBlock(wiring.Component):
     The shapes are fixed at construction (``hidden``, ``ffn``).
     """
 
-    def __init__(self, cfg: EngineConfig, *, hidden: int, ffn: int, activation: str = "relu2",
-                 word_bits: int = 128, tile_beats: int = 4096, eps: float = 1e-5,
+    def __init__(self, cfg: EngineConfig, datapath: DatapathConfig, *, hidden: int, ffn: int,
                  residual_rows: int = 2):
+        self.datapath = WeightFedTlmm(cfg, datapath)        # checks both configurations
         C = cfg.columns_per_cycle
+        if datapath.lanes != C:
+            raise ValueError(f"datapath.lanes ({datapath.lanes}) must equal the engine's "
+                             f"columns_per_cycle ({C})")
+        if not (isinstance(residual_rows, int) and residual_rows >= 1):
+            raise ValueError(f"residual_rows must be a positive integer, not {residual_rows!r}")
+        activation, eps = datapath.activation, datapath.norm_eps
         for name, n in (("hidden", hidden), ("ffn", ffn)):
             cfg.check_shape(n, n)
             if n % C or cfg.padded_n(n) != n:
@@ -98,12 +86,14 @@ class FfnBlock(wiring.Component):
         self.quant = ActQuantizer(cfg, lanes=C, max_n=hidden)
         self.sub_norm = RmsNorm(lanes=C, max_n=ffn, eps=eps)
         self.sub_quant = ActQuantizer(cfg, lanes=C, max_n=ffn)
-        self.datapath = WeightFedTlmm(cfg, word_bits=word_bits, tile_beats=tile_beats)
         self.dequant = Dequantizer(cfg)
         self.gated = GatedActivation(lanes=C, activation=activation)
         self.residual = ResidualAdd(lanes=C)
-        self.gate_fifo = _LaneFifo(C, self.ffn_beats)
-        self.residual_fifo = _LaneFifo(C, residual_rows * self.hidden_beats)
+        self.residual_rows = residual_rows
+        # Plain FIFOs of lane beats (16 C bits); their stream views connect to the lanes.
+        self.gate_fifo = fifo.SyncFIFOBuffered(width=16 * C, depth=self.ffn_beats)
+        self.residual_fifo = fifo.SyncFIFOBuffered(width=16 * C,
+                                                   depth=residual_rows * self.hidden_beats)
         # Engine shapes per class: gate/up (K = hidden, N = ffn), down (K = ffn, N = hidden).
         self.k_blocks = {GATE: cfg.padded_k(hidden) // cfg.block_k,
                          DOWN: cfg.padded_k(ffn) // cfg.block_k}
@@ -141,10 +131,11 @@ class FfnBlock(wiring.Component):
                      self.error.eq(dp.error)]
 
         # ---- h forks to the norm and the residual FIFO ------------------------------------
-        m.d.comb += [norm.x.payload.eq(self.h.payload), rfifo.i.payload.eq(self.h.payload),
-                     norm.x.valid.eq(self.h.valid & rfifo.i.ready),
-                     rfifo.i.valid.eq(self.h.valid & norm.x.ready),
-                     self.h.ready.eq(norm.x.ready & rfifo.i.ready)]
+        rfifo_in = rfifo.w_stream
+        m.d.comb += [norm.x.payload.eq(self.h.payload), rfifo_in.payload.eq(self.h.payload),
+                     norm.x.valid.eq(self.h.valid & rfifo_in.ready),
+                     rfifo_in.valid.eq(self.h.valid & norm.x.ready),
+                     self.h.ready.eq(norm.x.ready & rfifo_in.ready)]
         wiring.connect(m, wiring.flipped(self.norm_weight), norm.weight)
         wiring.connect(m, norm.y, quant.x)
         wiring.connect(m, wiring.flipped(self.sub_norm_weight), sub_norm.weight)
@@ -209,13 +200,14 @@ class FfnBlock(wiring.Component):
         out_down = out_phase == DOWN
         out_groups = Mux(out_down, self.n_groups[DOWN], self.n_groups[GATE])
         payload = deq.y.payload.as_value()
+        gfifo_in = gfifo.w_stream
         m.d.comb += [
-            gfifo.i.payload.eq(payload), gated.up.payload.eq(payload),
+            gfifo_in.payload.eq(payload), gated.up.payload.eq(payload),
             res.update.payload.eq(payload),
-            gfifo.i.valid.eq(deq.y.valid & (out_phase == GATE)),
+            gfifo_in.valid.eq(deq.y.valid & (out_phase == GATE)),
             gated.up.valid.eq(deq.y.valid & (out_phase == UP)),
             res.update.valid.eq(deq.y.valid & out_down),
-            deq.y.ready.eq(Mux(out_phase == GATE, gfifo.i.ready,
+            deq.y.ready.eq(Mux(out_phase == GATE, gfifo_in.ready,
                                Mux(out_phase == UP, gated.up.ready, res.update.ready))),
         ]
         with m.If(deq.y.valid & deq.y.ready):
@@ -223,8 +215,8 @@ class FfnBlock(wiring.Component):
                 m.d.sync += [out_count.eq(0), out_phase.eq(Mux(out_down, GATE, out_phase + 1))]
             with m.Else():
                 m.d.sync += out_count.eq(out_count + 1)
-        wiring.connect(m, gfifo.o, gated.gate)
-        wiring.connect(m, rfifo.o, res.residual)
+        wiring.connect(m, gfifo.r_stream, gated.gate)
+        wiring.connect(m, rfifo.r_stream, res.residual)
         wiring.connect(m, res.y, wiring.flipped(self.y))
         return m
 

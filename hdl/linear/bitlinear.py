@@ -16,7 +16,7 @@ from amaranth.hdl import Module, unsigned
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-from trilut.config import EngineConfig
+from trilut.config import DatapathConfig, EngineConfig
 from trilut.hdl.elementwise.dequant import Dequantizer
 from trilut.hdl.linear.weight_fed_tlmm import WeightFedTlmm
 from trilut.hdl.elementwise.act_quant import ActQuantizer
@@ -37,14 +37,16 @@ class BitLinear(wiring.Component):
     ``weight_scale`` (the layer's fp32 weight scale code).
     """
 
-    def __init__(self, cfg: EngineConfig, *, max_k: int, word_bits: int = 128,
-                 tile_beats: int = 4096, eps: float = 1e-5):
+    def __init__(self, cfg: EngineConfig, datapath: DatapathConfig, *, max_k: int):
+        self.datapath = WeightFedTlmm(cfg, datapath)        # checks both configurations
+        if datapath.lanes != cfg.columns_per_cycle:
+            raise ValueError(f"datapath.lanes ({datapath.lanes}) must equal the engine's "
+                             f"columns_per_cycle ({cfg.columns_per_cycle})")
         cfg.check_shape(max_k, 1)
         self.cfg = cfg
         lanes = cfg.columns_per_cycle
-        self.norm = RmsNorm(lanes=lanes, max_n=max_k, eps=eps)
+        self.norm = RmsNorm(lanes=lanes, max_n=max_k, eps=datapath.norm_eps)
         self.quant = ActQuantizer(cfg, lanes=lanes, max_n=max_k)
-        self.datapath = WeightFedTlmm(cfg, word_bits=word_bits, tile_beats=tile_beats)
         self.dequant = Dequantizer(cfg)
         dp = self.datapath
         super().__init__({

@@ -13,8 +13,10 @@ Signatures (member directions as seen by the *master*; flip them for a slave):
 * :class:`AxiReadSignature`: ``ar: Out(AR)`` and ``r: In(R)``, so the master's ports flatten
   to ``axi__ar__araddr`` ... ``axi__r__rready``.
 
-Defaults: 128-bit data (the width of a ZynqMP S_AXI_HP port in its widest mode, and what the
-PS DDR controller serves per port) and 40-bit addresses. 40 bits is the ZynqMP's physical
+Widths: the master's data width and bursts in flight have no default; they come from the
+configuration (``DatapathConfig.ddr_word_bits``, ``max_outstanding``; kv260: 128 bits, the
+width of a ZynqMP S_AXI_HP port in its widest mode and what the PS DDR controller serves per
+port). Addresses default to 40 bits. 40 bits is the ZynqMP's physical
 address map (1 TB): the KV260's 4 GB of DDR4 sits in two windows, 2 GB at ``0x0`` and 2 GB at
 ``0x8_0000_0000``, and the upper one needs 36 bits, so 32-bit addresses could reach only half of
 the memory. The HP ports are 49 bits wide; the bits above 40 tie to zero in the block design.
@@ -33,7 +35,7 @@ from amaranth.lib.wiring import In, Out
 __all__ = [
     "BURST_INCR", "RESP_OKAY", "PAGE_BYTES",
     "AxiReadAddressSignature", "AxiReadDataSignature", "AxiReadSignature",
-    "AxiReadMaster", "check_axi_widths", "split_bursts",
+    "AxiReadMaster", "AxiReadTiming", "check_axi_widths", "split_bursts",
 ]
 
 #: ``arburst`` encoding of an incrementing burst (AXI4 A3.4.1).
@@ -161,18 +163,19 @@ class AxiReadMaster(wiring.Component):
     rate * (latency + 4)`` and any ``max_outstanding - 1`` consecutive bursts hold
     ``rate * (latency + 2)`` beats (calibrated against the simulation;
     :meth:`hides_latency` checks both for a list of commands). One AR per cycle, so commands
-    as short as one word still go out back to back. :meth:`expected_cycles` is exact when
-    :meth:`hides_latency` holds, ``data`` is never stalled and the slave queues at least
-    ``max_outstanding`` ARs.
+    as short as one word still go out back to back. :meth:`expected_cycles` is exact whenever
+    ``data`` is never stalled and the slave queues at least ``max_outstanding`` ARs, latency
+    hidden or not (:class:`AxiReadTiming`, the per-word events, also serves parents that take
+    the words at their own pace).
 
     ``error`` goes high, and stays high, after any R beat with a response other than OKAY; the
     data of such a beat is passed on as received. ``idle`` is high when no command is being
     split, no burst is in flight and no word is waiting on ``data``.
     """
 
-    def __init__(self, *, data_width: int = 128, addr_width: int = 40, id_width: int = 0,
-                 length_width: int = 24, max_burst: int = AXI4_MAX_BURST,
-                 max_outstanding: int = 4, buffer_depth: "int | None" = None):
+    def __init__(self, *, data_width: int, max_outstanding: int, addr_width: int = 40,
+                 id_width: int = 0, length_width: int = 24, max_burst: int = AXI4_MAX_BURST,
+                 buffer_depth: "int | None" = None):
         check_axi_widths(data_width=data_width, addr_width=addr_width, id_width=id_width)
         if not (isinstance(length_width, int) and 1 <= length_width <= addr_width):
             raise ValueError(f"length_width must be an integer from 1 to addr_width "
@@ -317,7 +320,8 @@ class AxiReadMaster(wiring.Component):
                       beats_per_window: int = 1, window: int = 1) -> bool:
         """True when the buffer and the burst slots keep enough words in flight to cover
         ``latency`` at ``beats_per_window / window`` beats per cycle for these commands (the
-        condition in the class docstring), so the memory's bandwidth is the only limit."""
+        condition in the class docstring), so the memory's bandwidth is the only limit and
+        :meth:`expected_cycles` is ``4 + latency + beat_cycles(words)``."""
         rate = beats_per_window / window
         beats = [n for addr, length in commands for _, n in self.bursts(addr, length)]
         if not beats:
@@ -331,19 +335,147 @@ class AxiReadMaster(wiring.Component):
         return all(sum(beats[j + 1:j + 1 + between]) >= need
                    for j in range(len(beats) - self.max_outstanding))
 
+    def timing(self, commands: Iterable[tuple[int, int]], *, latency: int,
+               beats_per_window: int = 1, window: int = 1) -> "AxiReadTiming":
+        """The per-word event model of these commands against a ``DdrModel`` of this
+        latency and rate (:class:`AxiReadTiming`), for a parent that takes the words."""
+        return AxiReadTiming(self, commands, latency=latency,
+                             beats_per_window=beats_per_window, window=window)
+
     def expected_cycles(self, commands: Iterable[tuple[int, int]], *, latency: int,
                         beats_per_window: int = 1, window: int = 1) -> int:
         """Cycles from the first command taken to the last word out, inclusive, for commands
         presented back to back with ``data`` never stalled, against a memory that answers
         ``latency`` cycles after each AR and then streams ``beats_per_window`` beats every
-        ``window`` cycles (``trilut.sim.ddr_model.DdrModel``).
+        ``window`` cycles (``trilut.sim.ddr_model.DdrModel``, its AR queue at least
+        ``max_outstanding`` deep).
 
-        2 cycles from command to AR, ``latency`` to the first R beat, 2 through the buffer,
-        then the beats at the memory's rate. Exact when :meth:`hides_latency` holds;
-        otherwise a lower bound.
+        Exact, from :class:`AxiReadTiming` (every word taken as soon as it is offered): 2
+        cycles from command to AR, ``latency`` to the first R beat, 2 through the buffer, the
+        beats at the memory's rate, and, when the latency is not hidden
+        (:meth:`hides_latency` false), the waits for a burst slot or buffer credits.
         """
-        total = sum(length for _, length in commands)
-        if total == 0:
-            return 0
-        return 4 + latency + self.beat_cycles(total, beats_per_window=beats_per_window,
-                                              window=window)
+        model = self.timing(commands, latency=latency, beats_per_window=beats_per_window,
+                            window=window)
+        last = None
+        for k in range(model.words):
+            last = model.offered(k)
+            model.take(k, last)
+        return 0 if last is None else last + 1
+
+
+class AxiReadTiming:
+    """Per-word event arithmetic of an :class:`AxiReadMaster` in front of a ``DdrModel``.
+
+    Words are asked for in order: :meth:`offered` gives the first cycle word ``k`` is offered
+    on ``data`` (cycle 0: the first command taken; commands are presented back to back), and
+    the parent reports with :meth:`take` the cycle it took it (at least that). Each event is
+    ``max(its inputs) + latency``, from the RTL:
+
+    * burst ``b`` is issued (``arvalid`` registered) on ``I_b >= I_{b-1} + 1`` (one AR a
+      cycle; a command's first burst one cycle after it is taken, and a command is taken with
+      the previous one's last burst, a zero-length one a cycle after the previous command),
+      ``I_b >= f(W_b - depth) + 1`` (credits: the word ``buffer_depth`` places back, counting
+      every beat up to the end of this burst, must have left ``data``) and
+      ``I_b >= rlast(b - max_outstanding) + 1`` (a burst slot);
+    * the memory takes the AR on ``I_b + 1``, issues the burst's beats from ``I_b + latency``
+      on, strictly after the previous burst's, one per cycle at most, each when the token
+      bucket holds ``window`` tokens (``beats_per_window`` added a cycle, capped at
+      ``window + beats_per_window - 1``, full at the start); the R beat is taken (``rready``
+      is always high by the credits) one cycle after its issue;
+    * word ``k`` is offered on ``data`` on ``max(r_k + 2, f_{k-1} + 1)`` (``SyncFIFOBuffered``:
+      a write reaches the output register two cycles later; one word out a cycle).
+    """
+
+    #: ``DdrModel``'s AR queue (``ar_queue_depth``); more bursts in flight than that would
+    #: stall AR, which this model does not count.
+    AR_QUEUE_DEPTH = 8
+
+    def __init__(self, master: AxiReadMaster, commands: Iterable[tuple[int, int]], *,
+                 latency: int, beats_per_window: int = 1, window: int = 1):
+        if not (isinstance(latency, int) and latency >= 2):
+            raise ValueError(f"latency must be an integer of at least 2 cycles, not {latency!r}")
+        if not (isinstance(window, int) and window >= 1
+                and isinstance(beats_per_window, int) and 1 <= beats_per_window <= window):
+            raise ValueError(f"the DDR rate must be 1 <= beats_per_window <= window, not "
+                             f"{beats_per_window!r} / {window!r}")
+        if master.max_outstanding > self.AR_QUEUE_DEPTH:
+            raise ValueError(f"max_outstanding {master.max_outstanding} exceeds the DDR "
+                             f"model's AR queue ({self.AR_QUEUE_DEPTH}): AR would stall, "
+                             f"which the cycle model does not count")
+        self.master = master
+        self.latency, self.b, self.w = latency, beats_per_window, window
+        commands = list(commands)
+        limit = 1 << master.length_width
+        self._burst_of = []             # word -> burst
+        self._bursts = []               # (beats, first word, command)
+        self._first_of_command = []     # burst index -> True when it starts a command
+        self._command_gap = []          # zero-length commands before this burst's command
+        zeros = 0
+        for q, (addr, length) in enumerate(commands):
+            if not (isinstance(addr, int) and addr >= 0 and isinstance(length, int)
+                    and 0 <= length < limit):
+                raise ValueError(f"read command {q} must be (byte address >= 0, length in "
+                                 f"0..{limit - 1} words), not {(addr, length)!r}")
+            if length == 0:
+                zeros += 1
+                continue
+            for j, (_, beats) in enumerate(master.bursts(addr, length)):
+                self._first_of_command.append(j == 0)
+                self._command_gap.append(zeros if j == 0 else 0)
+                self._bursts.append((beats, len(self._burst_of)))
+                self._burst_of += [len(self._bursts) - 1] * beats
+            zeros = 0
+        self.words = len(self._burst_of)
+        self._issue = []                # I_b
+        self._rlast = []                # cycle burst b's last R beat is taken
+        self._r = []                    # cycle word k's R beat is taken
+        self._taken = []                # f_k
+        self._ddr_last = None           # the memory's last beat issue
+        self._tokens = window + beats_per_window - 1    # tokens on the cycle after it
+
+    def _issue_burst(self, b: int) -> None:
+        m = self.master
+        beats, first = self._bursts[b]
+        # The command that starts here was taken with the previous burst's issue (or one
+        # cycle per zero-length command later); the first command on cycle 0.
+        prev = self._issue[b - 1] if b else 0
+        t = prev + 1 + self._command_gap[b]
+        end = first + beats                     # words promised up to this burst's end
+        if end > m.buffer_depth:
+            t = max(t, self._taken[end - m.buffer_depth - 1] + 1)
+        if b >= m.max_outstanding:
+            t = max(t, self._rlast[b - m.max_outstanding] + 1)
+        self._issue.append(t)
+        # The memory: AR on t + 1, data due latency cycles after it.
+        cap = self.w + self.b - 1
+        due = t + self.latency
+        for _ in range(beats):
+            s = due if self._ddr_last is None else max(due, self._ddr_last + 1)
+            if self._ddr_last is None:
+                tokens = cap
+            else:
+                tokens = min(cap, self._tokens + self.b * (s - self._ddr_last - 1))
+                if tokens < self.w:
+                    wait = -(-(self.w - tokens) // self.b)
+                    s += wait
+                    tokens = min(cap, tokens + self.b * wait)
+            self._tokens = min(cap, tokens - self.w + self.b)
+            self._ddr_last = s
+            self._r.append(s + 1)
+        self._rlast.append(self._r[-1])
+
+    def offered(self, k: int) -> int:
+        """The first cycle word ``k`` (0-based, in command order) is offered on ``data``;
+        words ``0 .. k-1`` must have been taken."""
+        if k != len(self._taken):
+            raise ValueError(f"word {k} asked for after {len(self._taken)} words were taken")
+        b = self._burst_of[k]
+        while len(self._issue) <= b:
+            self._issue_burst(len(self._issue))
+        r = self._r[k] + 2
+        return r if not k else max(r, self._taken[k - 1] + 1)
+
+    def take(self, k: int, cycle: int) -> None:
+        """Word ``k`` left ``data`` on ``cycle``."""
+        self._taken.append(cycle)

@@ -22,14 +22,14 @@ from amaranth.utils import ceil_log2
 
 # The block-memory count is the config's (one count for the fit check and this block);
 # BRAM36_SHAPES is re-exported for callers that imported it from here.
-from trilut.config import (BRAM36_SHAPES, URAM_DEPTH, BoardConfig, EngineConfig,
+from trilut.config import (BRAM36_SHAPES, BoardConfig, EngineConfig,
                            uram_cascade, uram_columns, weight_buffer_blocks,
                            weight_buffer_depth)
 # The engine's weight-beat layout, so that ``wiring.connect(m, buffer.beats, engine.weights)``
 # accepts the pair: one definition of the beat's field order.
 from trilut.hdl.linear.tlmm_engine import weight_beat_layout
 
-__all__ = ["WeightBuffer", "BRAM36_SHAPES"]
+__all__ = ["WeightBuffer", "WeightBufferTiming", "BRAM36_SHAPES"]
 
 def _positive_int(name: str, value) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -76,7 +76,7 @@ class WeightBuffer(wiring.Component):
     ``tiles.ready`` and ``fill.ready`` are registered too.
     """
 
-    def __init__(self, cfg: EngineConfig, *, tile_beats: int = URAM_DEPTH, word_bits: int = 128,
+    def __init__(self, cfg: EngineConfig, *, tile_beats: int, word_bits: int,
                  max_replays: int = 65535, one_memory: bool = False):
         if not isinstance(cfg, EngineConfig):
             raise TypeError(f"cfg must be an EngineConfig, not {cfg!r}")
@@ -306,6 +306,8 @@ class WeightBuffer(wiring.Component):
             fill_0 + sum(max(fill_{i+1}, stream_i) for i in 0..n-2) + stream_{n-1} + 2
 
         Filling is hidden behind streaming whenever ``replays >= words_per_beat`` (+1 cycle).
+        :class:`WeightBufferTiming` is the same timing beat by beat, for a parent whose words
+        and beats come and go at their own pace.
         """
         for length, replays in tiles:
             self._check_tile(length, replays)
@@ -315,6 +317,10 @@ class WeightBuffer(wiring.Component):
         stream = [length * replays for length, replays in tiles]
         return (fill[0] + sum(max(f, s) for f, s in zip(fill[1:], stream[:-1]))
                 + stream[-1] + 2)
+
+    def timing(self, tiles: Sequence[tuple[int, int]]) -> "WeightBufferTiming":
+        """The per-beat event model of these tile commands (:class:`WeightBufferTiming`)."""
+        return WeightBufferTiming(self, tiles)
 
     # ---- what it costs -----------------------------------------------------------------------
 
@@ -353,3 +359,82 @@ class WeightBuffer(wiring.Component):
             uram = board is None or board.resources.uram > 0
         return weight_buffer_blocks(self.cfg, tile_beats=self.tile_beats, uram=uram,
                                     one_memory=self.one_memory)
+
+
+class WeightBufferTiming:
+    """Per-beat event arithmetic of a :class:`WeightBuffer`, for a parent that offers the
+    ``fill`` words and takes the ``beats`` at its own pace (the tile commands always offered,
+    cycle 0 the first one taken). Tile by tile, in order: :meth:`command` (the cycle the
+    tile's command is taken), then the parent takes its ``fill`` words no earlier than
+    :meth:`word_ready` and reports the last one with :meth:`filled`; then, beat by beat,
+    :meth:`beat_offered` and :meth:`beat_taken`. From the RTL, with ``f`` a word taken,
+    ``i`` a bank read issued, ``m`` the read data moving on (into the output register or the
+    skid register), ``o`` a beat first offered and ``p`` a beat taken:
+
+    * command ``c_i >= f_last(i-1) + 1`` (one tile loads at a time) and, from the third
+      tile, ``c_i >= i_last(i-2) + 1`` (its bank is the one tile ``i-2`` streamed from); its
+      words from ``c_i + 1``; the bank is full on ``F_i = f_last(i) + 1``;
+    * ``i_j = max(i_{j-1} + 1, m_{j-1}, F)``, ``m_j = max(i_j + 1, p_{j-2} + 1)`` (the skid
+      register must be empty), ``o_j = max(m_j, p_{j-1}) + 1``.
+    """
+
+    def __init__(self, buffer: WeightBuffer, tiles: Sequence[tuple[int, int]]):
+        self.tiles = [tuple(t) for t in tiles]
+        for length, replays in self.tiles:
+            buffer._check_tile(length, replays)
+        self.buffer = buffer
+        self.words_per_beat = buffer.words_per_beat
+        self._commands = []
+        self._last_word = []        # f_last per tile
+        self._last_issue = []       # i_last per tile
+        self._tile = -1             # the tile streaming
+        self._left = 0              # its beats not yet offered
+        self._i = self._m = None    # last read issue, last move out of the read register
+        self._p = [None, None]      # the last two beats taken (p_{j-2}, p_{j-1})
+
+    def command(self, i: int) -> int:
+        """The cycle tile ``i``'s command is taken (tiles ``0 .. i-1`` filled, ``i-2``
+        streamed)."""
+        if i != len(self._commands) or i != len(self._last_word):
+            raise ValueError(f"tile {i} commanded out of order")
+        c = 0 if i == 0 else max(self._commands[-1] + 1, self._last_word[i - 1] + 1)
+        if i >= 2:
+            if len(self._last_issue) < i - 1:
+                raise ValueError(f"tile {i} needs tile {i - 2} streamed first")
+            c = max(c, self._last_issue[i - 2] + 1)
+        self._commands.append(c)
+        return c
+
+    def word_ready(self) -> int:
+        """The first cycle the current tile's words can be taken."""
+        return self._commands[-1] + 1
+
+    def words(self, i: int) -> int:
+        return self.tiles[i][0] * self.words_per_beat
+
+    def filled(self, i: int, last_word: int) -> None:
+        """Tile ``i``'s last word was taken on ``last_word``."""
+        self._last_word.append(last_word)
+
+    def beats(self, i: int) -> int:
+        length, replays = self.tiles[i]
+        return length * replays
+
+    def beat_offered(self) -> int:
+        """The first cycle the next beat is offered on ``beats``."""
+        if self._left == 0:
+            self._tile += 1
+            self._left = self.beats(self._tile)
+            full = self._last_word[self._tile] + 1
+        else:
+            full = 0
+        i = full if self._i is None else max(self._i + 1, self._m, full)
+        m = i + 1 if self._p[0] is None else max(i + 1, self._p[0] + 1)
+        self._i, self._m = i, m
+        self._left -= 1
+        if self._left == 0:
+            self._last_issue.append(i)
+        return max(m, self._p[1]) + 1 if self._p[1] is not None else m + 1
+
+    def beat_taken(self, cycle: int) -> None:
+        self._p = [self._p[1], cycle]
