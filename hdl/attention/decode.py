@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from amaranth.hdl import Cat, Const, Module, Mux, Signal, unsigned
+from amaranth.hdl import Cat, Const, Module, Mux, Signal
 from amaranth.lib import wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
@@ -17,7 +17,7 @@ from amaranth.lib.wiring import In, Out
 from trilut.hdl.attention.exp2 import Exp2Neg
 from trilut.hdl.attention.fp32 import Fp16ToFp32Product, Fp32Add, Fp32Mul
 from trilut.hdl.attention.recip import Recip32
-from trilut.hdl.attention.score import ScorePath, delay_line
+from trilut.hdl.attention.score import ScorePath, delay_line, score_latency
 from trilut.hdl.elementwise.lanes import lane_signature, positive_int
 from trilut.models import attention as att
 from trilut.models import fp16 as fp
@@ -110,8 +110,8 @@ class DecodeAttention(wiring.Component):
         self.head_dim, self.lanes = head_dim, lanes
         self.max_context, self.max_heads, self.max_group = max_context, max_heads, max_group
         self.beats = head_dim // lanes
-        self.score_path = ScorePath(lanes=lanes, head_dim=head_dim,
-                                    tag_width=self._head_bits + self._position_bits)
+        #: ``ScorePath``'s latency (the path itself is built in ``elaborate``).
+        self.score_latency = score_latency(lanes=lanes, head_dim=head_dim)
         # Pass 2: a slot's offsets (cycles after its issue) where each operand is ready.
         self._t_ready = 1                                          # score memory read
         self._p_ready = self._t_ready + Fp32Add.latency + Exp2Neg.latency      # 9
@@ -129,6 +129,10 @@ class DecodeAttention(wiring.Component):
             "heads": In(range(max_heads + 1), init=1),
             "kv_heads": In(range(max_heads + 1), init=1),
         })
+
+    def _score_path(self) -> ScorePath:
+        return ScorePath(lanes=self.lanes, head_dim=self.head_dim,
+                         tag_width=self._head_bits + self._position_bits)
 
     @property
     def _head_bits(self) -> int:
@@ -164,16 +168,21 @@ class DecodeAttention(wiring.Component):
         head's output then takes ``n B`` slots and 12 cycles of latency."""
         self.check_job(job)
         n, B = job.group, self.beats
-        scores = (job.position + 1) * n * B + self.score_path.latency - B + 2
+        scores = (job.position + 1) * n * B + self.score_latency - B + 2
         values = n * B + job.position * self.slots_per_position(n) + self._o_done
         return job.kv_heads * (scores + values) + n * B + self.out_latency
 
-    def memory_blocks(self) -> dict[str, int]:
-        """Block RAM: the score memory, ``max_group * max_context`` fp32 words, in RAMB36E2s
-        of 1024 x 36 (32 bits used); the exp2 table's half RAMB18 is the other 0.5. The query
-        buffer, the row buffer and the accumulators are shallow (at most ``4 B`` words):
-        distributed RAM."""
-        return {"bram36": -(-self.max_group * self.max_context // 1024) + 0.5, "uram": 0}
+    def memory_blocks(self, *, uram: bool = True) -> dict[str, float]:
+        """Block memories: the score memory, ``max_group * max_context`` fp32 words, and the
+        exp2 table's half RAMB18 (0.5 BRAM36). With ``uram`` (a board with URAM288, as
+        yosys maps it with ``-uram``) the scores pack two words a 72-bit row (byte
+        enables): ``ceil(words / 8192)`` URAM288; without, RAMB36E2s of 1024 x 36 (32 bits
+        used): ``ceil(words / 1024)``. The query buffer and the accumulators (``max_group x
+        B`` words), the row buffer (``4 B``) and ``l`` (``max_group``) are distributed RAM."""
+        words = self.max_group * self.max_context
+        if uram:
+            return {"bram36": 0.5, "uram": -(-words // 8192)}
+        return {"bram36": -(-words // 1024) + 0.5, "uram": 0}
 
     def model(self, q, k, v, position: int) -> np.ndarray:
         """fp16 codes ``q[H, 1, d]``, ``k, v[H_kv, S, d]`` (``S > position``) -> fp16 codes
@@ -225,7 +234,7 @@ class DecodeAttention(wiring.Component):
         h = Signal(HB, name="h")                             # head in the group
         b = Signal(BB, name="b")                             # beat
         pad = Signal(range(self.ACCUMULATE_SPACING + 1), name="pad")   # empty slots left
-        drain = Signal(range(self.score_path.latency + self._o_done + 2), name="drain")
+        drain = Signal(range(self.score_latency + self._o_done + 2), name="drain")
 
         ce = Signal(name="ce")                               # the datapath's enable
         out_ce = Signal(name="out_ce")                       # the output pipeline's
@@ -271,7 +280,7 @@ class DecodeAttention(wiring.Component):
                                 with m.If(last_j):
                                     m.d.sync += [j.eq(0), pad.eq(0), state.eq(state + 1),
                                                  drain.eq(Mux(scoring,
-                                                              self.score_path.latency - B + 1,
+                                                              self.score_latency - B + 1,
                                                               self._o_done - 1))]
                 with m.Case(SCORES_DRAIN, VALUES_DRAIN):
                     m.d.sync += drain.eq(drain - 1)
@@ -289,8 +298,8 @@ class DecodeAttention(wiring.Component):
             """The fields of the slot issued ``age`` enabled cycles ago."""
             t = tags[age - 1]
             fields, at = {}, 0
-            for name, width in (("valid", 1), ("values", 1), ("h", HB), ("b", BB), ("first", 1), ("row", 2),
-                                ("j", len(j))):
+            for name, width in (("valid", 1), ("values", 1), ("h", HB), ("b", BB), ("first", 1),
+                                ("row", 2), ("j", len(j))):
                 fields[name] = t[at:at + width]
                 at += width
             return fields
@@ -316,7 +325,7 @@ class DecodeAttention(wiring.Component):
         ]
 
         # --- pass 1: scores and the running maximum ----------------------------------------
-        m.submodules.score_path = sp = self.score_path
+        m.submodules.score_path = sp = self._score_path()
         prev = slot(1)
         m.d.comb += [sp.en.eq(ce), sp.valid.eq(prev["valid"] & ~prev["values"]),
                      sp.q.eq(q_read.data), sp.k.eq(row_read.data),

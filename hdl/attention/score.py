@@ -15,12 +15,23 @@ from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
 from trilut.hdl.attention.dot import Fp32DotTree
-from trilut.hdl.attention.fp32 import Fp32Add, Fp32Mul
+from trilut.hdl.attention.dot import _check_lanes as check_dot_lanes
+from trilut.hdl.attention.fp32 import Fp16ToFp32Product, Fp32Add, Fp32Mul
 from trilut.hdl.elementwise.lanes import lane_layout, positive_int
 from trilut.models import attention as att
 from trilut.models import fp16 as fp
 
-__all__ = ["ScorePath", "delay_line"]
+__all__ = ["ScorePath", "score_latency", "delay_line"]
+
+
+def score_latency(*, lanes: int, head_dim: int) -> int:
+    """``ScorePath(lanes=lanes, head_dim=head_dim).latency`` without building one: the tree
+    (``2 + 5 log2 lanes``), the chain (0 for one beat a row, else ``1 + 5 (B - 1)``), the
+    multiply (4)."""
+    beats = head_dim // lanes
+    chain = 0 if beats == 1 else 1 + Fp32Add.latency * (beats - 1)
+    return (Fp16ToFp32Product.latency + (lanes.bit_length() - 1) * Fp32Add.latency + chain
+            + Fp32Mul.latency)
 
 
 def delay_line(m: Module, value, length: int, *, en, name: str) -> list[Signal]:
@@ -70,7 +81,7 @@ class ScorePath(wiring.Component):
     """
 
     def __init__(self, *, lanes: int, head_dim: int, tag_width: int = 1):
-        self.tree = Fp32DotTree(lanes=lanes)               # checks lanes
+        check_dot_lanes(lanes)
         positive_int("head_dim", head_dim)
         if head_dim % lanes:
             raise ValueError(f"lanes ({lanes}) must divide head_dim ({head_dim}): a row is "
@@ -78,9 +89,14 @@ class ScorePath(wiring.Component):
         positive_int("tag_width", tag_width)
         self.lanes, self.head_dim, self.tag_width = lanes, head_dim, tag_width
         self.beats = head_dim // lanes
+        #: ``Fp32DotTree(lanes).latency`` (the tree is built in ``elaborate``, so that an
+        #: unelaborated ScorePath leaves no unused block behind).
+        self.tree_latency = (Fp16ToFp32Product.latency
+                             + (lanes.bit_length() - 1) * Fp32Add.latency)
         #: Cycles from a row's first beat leaving the tree to its sum leaving the chain.
         self.chain_latency = 0 if self.beats == 1 else 1 + Fp32Add.latency * (self.beats - 1)
-        self.latency = self.tree.latency + self.chain_latency + Fp32Mul.latency
+        self.latency = self.tree_latency + self.chain_latency + Fp32Mul.latency
+        assert self.latency == score_latency(lanes=lanes, head_dim=head_dim)
         self.scale_code = int(fp.FP32.encode(np.float64(att.score_scale(head_dim))))
         super().__init__({
             "en": In(1, init=1),
@@ -96,7 +112,8 @@ class ScorePath(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         en, B = self.en, self.beats
-        m.submodules.tree = tree = self.tree
+        m.submodules.tree = tree = Fp32DotTree(lanes=self.lanes)
+        assert tree.latency == self.tree_latency
         m.d.comb += [tree.a.eq(self.q), tree.b.eq(self.k), tree.en.eq(en.replicate(tree.latency))]
 
         # The row's first beat: beats are counted as they are taken.
