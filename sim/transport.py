@@ -26,8 +26,8 @@ from amaranth.lib import wiring
 
 from amaranth.hdl import Elaboratable
 
-from trilut.hdl.linear.bitlinear import BitLinear
-from trilut.hdl.decoder.ffn_block import FfnBlock
+from trilut.hdl.linear.bitlinear import BitLinear, BitLinearJob
+from trilut.hdl.decoder.ffn_block import FfnBlock, FfnJob
 from trilut.hdl.linear.weight_fed_tlmm import WeightFedJob, WeightFedTlmm
 from trilut.hdl.linear.tlmm_engine import TlmmEngine
 from trilut.sim.ddr_model import DdrHarness, DdrModel
@@ -98,10 +98,13 @@ def block_job(request: BlockRequest, phase: StreamPhase, block: "wiring.Componen
                             n=n_groups * cfg.columns_per_cycle, reads=reads, tiles=tiles,
                             ddr=ddr)
     if isinstance(block, BitLinear):
-        return block.job(phase.scalars, rows=len(phase.inputs["x"]), reads=reads, tiles=tiles,
-                         ddr=ddr)
+        s = phase.scalars
+        k, lanes = s["k"], block.cfg.columns_per_cycle
+        return BitLinearJob(rows=len(phase.inputs["x"]) // -(-k // lanes), k=k,
+                            n=s["n_groups"] * lanes, reads=reads, tiles=tiles, ddr=ddr)
     if isinstance(block, FfnBlock):
-        return block.job(rows=len(phase.inputs["h"]), reads=reads, tiles=tiles, ddr=ddr)
+        return FfnJob(rows=len(phase.inputs["h"]) // block.hidden_beats, reads=reads,
+                      tiles=tiles, ddr=ddr)
     raise ValueError(f"no job mapping for block kind {request.kind!r}")
 
 

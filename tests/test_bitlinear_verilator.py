@@ -3,8 +3,11 @@
 from the DDR image (AXI read master, weight buffer) -> dequantization, fp16 in and out.
 
 Bit-exact against the level-2 numerics model (``BitLinear.model``), under random stalls on
-every stream, at two DDR bandwidth settings, on the tiny model's real shapes; and the error of
-that numerics against the float golden model, measured and bounded.
+every stream, at two DDR bandwidth settings, on the tiny model's real shapes; without stalls,
+the cycles equal ``BitLinear.expected_cycles`` exactly (decode and a two-row prefill; the
+weight feed or the norm/quantizer path binding; full, half and 3/5 DDR rate; latency hidden
+and not); and the error of that numerics against the float golden model, measured and
+bounded.
 """
 
 import numpy as np
@@ -13,11 +16,11 @@ import torch
 
 from trilut.config import DatapathConfig, DdrSimConfig, EngineConfig
 from trilut.hdl.linear.bitlinear import BitLinear
-from trilut.host.layer_runs import bitlinear_job, run_job
+from trilut.host.layer_runs import bitlinear_job, run_job, with_expected_cycles
 from trilut.host.weight_image import compile_weight_image
 from trilut.models import numerics as nm
 from trilut.models.checkpoint import build_tiny_checkpoint, load_checkpoint
-from trilut.sim.transport import SimulationTransport
+from trilut.sim.transport import SimulationTransport, expected_cycles
 
 pytestmark = pytest.mark.rtl
 EPS = 1e-5
@@ -32,6 +35,20 @@ SETTINGS = {
 # (layer, the norm in front of it)
 LAYERS = [("layers.0.self_attn.q_proj", "layers.0.input_layernorm"),      # 256 -> 256
           ("layers.0.mlp.gate_proj", "layers.0.post_attention_layernorm")]  # 256 -> 640
+
+Q = LAYERS[0]
+GATE = LAYERS[1]
+#: Stall-free cases: ((layer, norm), rows, DDR, tile_beats, max_outstanding or None), with
+#: the cycles measured (equal to the model).
+EXACT = {
+    "decode-full-rate": (Q, 1, DdrSimConfig(latency=20), 512, None),                  # 2981
+    # 64-beat tiles load before the first activation beat: the norm/quantizer path binds.
+    "decode-activations-bind": (Q, 1, DdrSimConfig(latency=20), 64, None),            # 2933
+    "prefill-half-rate": (GATE, 2, DdrSimConfig(latency=40, window=2), 512, None),    # 28403
+    "decode-slow-ddr-3-of-5": (GATE, 1, DdrSimConfig(latency=60, beats_per_window=3,
+                                                     window=5), 512, 2),              # 11996
+    "prefill-latency-300": (Q, 2, DdrSimConfig(latency=300), 512, 1),                 # 12393
+}
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +75,21 @@ def test_bitlinear_bit_exact_under_stalls(tiny, setting, layer, norm, tmp_path):
     np.testing.assert_array_equal(y, hw.model(x, norm_w, image.layer_values(layer),
                                               float(image.scale(layer))))
     np.testing.assert_array_equal(y, job.expected[0])
+
+
+@pytest.mark.parametrize("case", EXACT)
+def test_bitlinear_cycles_exact(tiny, case, tmp_path):
+    model, image, h = tiny
+    (layer, norm), rows, ddr, tile_beats, max_outstanding = EXACT[case]
+    x = nm.fp16_from_float(h[:rows].double().numpy())
+    job = bitlinear_job(image, layer, norm, x, ddr=ddr, tile_beats=tile_beats, eps=EPS,
+                        max_outstanding=max_outstanding)
+    expected = expected_cycles(job.request, job.run.phases[0])
+    job = with_expected_cycles(job, [expected])
+    (y,), (phase,) = run_job(SimulationTransport(tmp_path), job)
+    np.testing.assert_array_equal(y, job.expected[0])
+    print(f"BitLinear {case}: {phase.cycles} cycles measured, {expected} expected")
+    assert phase.cycles == expected
 
 
 def test_bitlinear_numerics_against_the_float_golden_model(tiny):

@@ -5,8 +5,9 @@ shared) -> gated activation -> ffn_sub_norm -> down -> residual add, fp16 in and
 Bit-exact against the level-2 numerics model (``FfnBlock.model``) under random stalls on every
 stream, at two DDR bandwidth settings, on the tiny model's real shapes (256 -> 640 -> 256); the
 error of that numerics against the float golden model (``model.layers[0].mlp`` after
-``post_attention_layernorm``, plus the residual), measured and bounded; and the cycles with no
-stall against the weight-feed bound, printed.
+``post_attention_layernorm``, plus the residual), measured and bounded; and, with no stall,
+the cycles equal ``FfnBlock.expected_cycles`` exactly (decode and a two-row prefill, both
+activations, full, half and 3/5 DDR rate, latency hidden and not), printed.
 """
 
 from dataclasses import replace
@@ -17,20 +18,23 @@ import torch
 
 from trilut.config import DatapathConfig, DdrSimConfig, EngineConfig
 from trilut.hdl.decoder.ffn_block import FfnBlock
-from trilut.host.layer_runs import ffn_job, ffn_layers, ffn_level2, run_job
+from trilut.host.layer_runs import ffn_job, ffn_layers, ffn_level2, run_job, with_expected_cycles
 from trilut.host.weight_image import compile_weight_image
 from trilut.models import numerics as nm
 from trilut.models.bitnet import BitNetConfig
 from trilut.models.checkpoint import build_tiny_checkpoint, load_checkpoint
-from trilut.sim.transport import SimulationTransport
+from trilut.sim.transport import SimulationTransport, expected_cycles
 
 pytestmark = pytest.mark.rtl
 EPS = 1e-5
 
 
-def run_ffn(image, x, *, activation="relu2", ddr, stall, seed=1, run_dir):
+def run_ffn(image, x, *, activation="relu2", ddr, stall, seed=1, run_dir, exact=False,
+            max_outstanding=None):
     job = ffn_job(image, x, activation=activation, tile_beats=512, ddr=ddr, eps=EPS,
-                  stall=stall, seed=seed)
+                  stall=stall, seed=seed, max_outstanding=max_outstanding)
+    if exact:
+        job = with_expected_cycles(job, [expected_cycles(job.request, job.run.phases[0])])
     (y,), (phase,) = run_job(SimulationTransport(run_dir), job)
     return job, y, phase
 
@@ -98,19 +102,32 @@ def test_ffn_block_silu_bit_exact_under_stalls(tiny_silu, tmp_path):
     np.testing.assert_array_equal(y, block_model(block, image, x))
 
 
-@pytest.mark.parametrize("setting", SETTINGS)
-def test_ffn_block_cycles_against_the_weight_feed_bound(tiny, setting, tmp_path):
-    model, image, h = tiny
-    x = nm.fp16_from_float(h[:1].double().numpy())
-    ddr = SETTINGS[setting]
-    job, y, phase = run_ffn(image, x, ddr=ddr, stall=0.0, run_dir=tmp_path)
+#: Stall-free cases: (fixture, rows, DDR, max_outstanding or None), with the cycles measured
+#: (equal to the model).
+EXACT = {
+    "decode-full-rate": ("tiny", 1, DdrSimConfig(latency=20), None),                  # 21194
+    "decode-silu-half-rate": ("tiny_silu", 1, DdrSimConfig(latency=40, window=2), None),  # 42164
+    "prefill-full-rate": ("tiny", 2, DdrSimConfig(latency=20), None),                 # 42228
+    "decode-slow-ddr-3-of-5": ("tiny", 1, DdrSimConfig(latency=60, beats_per_window=3,
+                                                       window=5), 2),     # 35187
+    "decode-latency-300-one-burst": ("tiny", 1, DdrSimConfig(latency=300), 1),      # 46115
+}
+
+
+@pytest.mark.parametrize("case", EXACT)
+def test_ffn_block_cycles_exact(case, request, tmp_path):
+    fixture, rows, ddr, max_outstanding = EXACT[case]
+    model, image, h = request.getfixturevalue(fixture)
+    x = nm.fp16_from_float(h[:rows].double().numpy())
+    job, y, phase = run_ffn(image, x, activation=model.config.hidden_act, ddr=ddr, stall=0.0,
+                            run_dir=tmp_path, exact=True, max_outstanding=max_outstanding)
     np.testing.assert_array_equal(y, job.expected[0])
+    expected = job.run.phases[0].expected_cycles
     feed = job.weight_words / ddr.words_per_cycle
-    ratio = phase.cycles / feed
-    print(f"FFN block, {setting}: {phase.cycles} cycles, weight-feed bound "
-          f"{feed:.0f} ({job.weight_words} words), cycles / bound {ratio:.3f}")
-    assert phase.cycles >= feed
-    assert ratio < 1.5
+    print(f"FFN block {case}: {phase.cycles} cycles measured, {expected} expected; "
+          f"weight-feed bound {feed:.0f} ({job.weight_words} words), "
+          f"cycles / bound {phase.cycles / feed:.3f}")
+    assert phase.cycles == expected
 
 
 @pytest.mark.parametrize("fixture", ["tiny", "tiny_silu"])

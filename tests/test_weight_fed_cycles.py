@@ -9,6 +9,8 @@ import random
 import pytest
 
 from trilut.config import DatapathConfig, DdrSimConfig, EngineConfig
+from trilut.hdl.decoder.ffn_block import FfnBlock, FfnJob
+from trilut.hdl.linear.bitlinear import BitLinear, BitLinearJob
 from trilut.hdl.linear.weight_fed_tlmm import WeightFedJob, WeightFedTlmm
 from trilut.hdl.memory.axi import AxiReadMaster
 from trilut.hdl.memory.weight_buffer import WeightBuffer
@@ -108,3 +110,60 @@ def test_weight_buffer_event_model_is_the_closed_form():
                     last = timing.beat_offered()
                     timing.beat_taken(last)
             assert last + 1 == buffer.expected_cycles(tiles), tiles
+
+
+def test_bitlinear_and_ffn_models_time_the_measured_jobs():
+    # Measured on Verilator: test_bitlinear_verilator.py decode-full-rate (q_proj 256 x 256).
+    block = BitLinear(ENGINE, DATAPATH, max_k=256)
+    assert block.expected_cycles(BitLinearJob(**vars(q_proj_job()))) == 2981
+
+
+def ffn_job(rows=1, **changes) -> FfnJob:
+    """The tiny model's FFN (256 -> 640 -> 256), every layer streamed in 256-beat tiles."""
+    tiles, reads, address = [], [], 0
+    for beats in (22 * 160, 22 * 160, 54 * 64):         # gate, up, down
+        for start in range(0, beats, 256):
+            length = min(256, beats - start)
+            tiles.append((length, 1))
+            reads.append((address, 2 * length))
+            address += 16 * length
+    job = dict(rows=rows, reads=tuple(reads) * rows, tiles=tuple(tiles) * rows, ddr=DDR)
+    job.update(changes)
+    return FfnJob(**job)
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda: BitLinearJob(**{**vars(q_proj_job()), "rows": 3}),
+     "the cycle model times at most 2 rows, not 3"),
+    (lambda: BitLinearJob(**{**vars(q_proj_job()), "k": 512}),
+     r"k = 512 exceeds this BitLinear's max_k \(256\)"),
+    (lambda: BitLinearJob(**{**vars(q_proj_job()), "rows": 0}),
+     "rows must be an integer of at least 1, not 0"),
+    (lambda: q_proj_job(), "job must be a BitLinearJob"),
+    (lambda: BitLinearJob(**{**vars(q_proj_job()), "tiles": ((256, 1),) * 5}),
+     "the reads carry 2816 DDR words; the tiles load 2560"),
+])
+def test_bitlinear_model_refuses_bad_jobs(make, message):
+    block = BitLinear(ENGINE, DATAPATH, max_k=256)
+    with pytest.raises((ValueError, TypeError), match=message):
+        block.expected_cycles(make())
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda: ffn_job(rows=3), "the cycle model times at most 2 rows, not 3"),
+    (lambda: ffn_job(rows=0), "rows must be an integer of at least 1, not 0"),
+    (lambda: ffn_job(tiles=ffn_job().tiles[:-1], reads=ffn_job().reads[:-1]),
+     "the tiles stream 10368 weight beats; the engine takes 10496"),
+    (lambda: q_proj_job(), "job must be an FfnJob"),
+    (lambda: ffn_job(ddr=(20, 1, 1)), "ddr must be a DdrSimConfig"),
+])
+def test_ffn_model_refuses_bad_jobs(make, message):
+    block = FfnBlock(ENGINE, DATAPATH, hidden=256, ffn=640)
+    with pytest.raises((ValueError, TypeError), match=message):
+        block.expected_cycles(make())
+
+
+def test_ffn_model_refuses_a_residual_fifo_of_one_row():
+    block = FfnBlock(ENGINE, DATAPATH, hidden=256, ffn=640, residual_rows=1)
+    with pytest.raises(ValueError, match="at most 1 rows, not 2"):
+        block.expected_cycles(ffn_job(rows=2))

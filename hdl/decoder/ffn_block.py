@@ -30,28 +30,50 @@ Sequencing (four small counters, no host involvement beyond the weight schedule)
 
 The host streams the three layers' weight schedules (``weight_schedule`` per layer,
 concatenated in phase order per row) on ``cmd`` / ``tiles``.
+
+How long it takes: :meth:`FfnBlock.expected_cycles` of an :class:`FfnJob`, exact when no
+stream stalls, composed from the children's models (see the method): the weight feed and the
+engine's result beats from ``WeightFedTlmm.timing``, each engine row started no earlier than
+its activations (the norms' ``expected_cycles``, the quantizers' latency) and the phase
+sequencing allow; the dequantizer, gated activation and residual add as their latencies. The
+gate FIFO (``SyncFIFOBuffered``: a beat written on ``t`` is offered on ``t + 2``) is never on
+the critical path: every gate beat is in it long before its up beat.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 from amaranth.hdl import Module, Mux, Signal, unsigned
 from amaranth.lib import fifo, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from trilut.config import DatapathConfig, EngineConfig
+from trilut.config import DatapathConfig, DdrSimConfig, EngineConfig
 from trilut.hdl.elementwise.activation import GatedActivation
 from trilut.hdl.elementwise.dequant import Dequantizer
 from trilut.hdl.elementwise.lanes import lane_layout
 from trilut.hdl.elementwise.residual import ResidualAdd
-from trilut.hdl.linear.weight_fed_tlmm import WeightFedTlmm
+from trilut.hdl.linear.bitlinear import quantizer_latency
+from trilut.hdl.linear.weight_fed_tlmm import WeightFedTlmm, _check_count
 from trilut.hdl.elementwise.act_quant import ActQuantizer
 from trilut.hdl.elementwise.rmsnorm import RmsNorm
 from trilut.models import numerics as nm
 
-__all__ = ["FfnBlock"]
+__all__ = ["FfnBlock", "FfnJob"]
 
 GATE, UP, DOWN = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class FfnJob:
+    """One stall-free run of :class:`FfnBlock` (whose shapes are fixed at construction):
+    ``rows`` residual rows, the read and tile commands of the weight schedules (gate, up,
+    down per row, in the order the host sends them) and the simulated DDR."""
+    rows: int
+    reads: tuple[tuple[int, int], ...]
+    tiles: tuple[tuple[int, int], ...]
+    ddr: DdrSimConfig
 
 
 class FfnBlock(wiring.Component):
@@ -62,7 +84,9 @@ class FfnBlock(wiring.Component):
     weights, ``ffn / C`` beats, one row per ``h`` row), ``y`` (``hidden / C`` beats per row);
     ``cmd`` / ``tiles`` (the weight schedule of gate, up, down per row); ``axi`` to DDR.
     Scalar inputs (held): ``gate_scale``, ``up_scale``, ``down_scale`` (fp32 codes).
-    The shapes are fixed at construction (``hidden``, ``ffn``).
+    The shapes are fixed at construction (``hidden``, ``ffn``); the DDR word width, tile
+    depth, bursts in flight, gated activation and norm epsilon come from the
+    ``DatapathConfig``. ``residual_rows``: rows of ``h`` the residual FIFO holds.
     """
 
     def __init__(self, cfg: EngineConfig, datapath: DatapathConfig, *, hidden: int, ffn: int,
@@ -229,3 +253,69 @@ class FfnBlock(wiring.Component):
         return nm.fp16_ffn(h, norm_weight, sub_norm_weight, gate_values, up_values, down_values,
                            (gate_scale, up_scale, down_scale), activation=self.activation,
                            eps=self.eps, lanes=self.cfg.columns_per_cycle)
+
+    # ---- how long it takes ---------------------------------------------------------------
+
+    def expected_cycles(self, job: FfnJob) -> int:
+        """Cycles from the first input beat taken (``h``, ``cmd``, ``tiles`` together) to the
+        last ``y`` beat, inclusive, when no stream stalls.
+
+        Per row ``r`` the engine runs three rows, gate, up and down, on the weight feed
+        (``WeightFedTlmm.timing``), each started no earlier than:
+
+        * gate: the row's last normalized beat (``RmsNorm.expected_cycles(hidden, r + 1) - 1``)
+          plus the quantizer's latency to its first activation beat
+          (``bitlinear.quantizer_latency``), and the cycle after the previous row's last down
+          result (the engine takes gate/up activations only once the down results are out);
+        * up: nothing (the same quantized row, replayed);
+        * down: the cycle after the last up result, and the sub-norm path: an up result
+          offered on ``t`` leaves the dequantizer on ``t + Dequantizer.latency`` and the gated
+          activation ``GatedActivation.latency`` later into the sub-norm, whose last
+          normalized beat follows its last input as in ``RmsNorm.expected_cycles(ffn, 1)``,
+          then the sub-quantizer's latency.
+
+        ``y``: a down result's beat leaves the dequantizer and the residual add
+        ``Dequantizer.latency + ResidualAdd.latency`` after the engine offers it. Exact for at
+        most ``min(2, residual_rows)`` rows (more would stall the residual FIFO or a
+        quantizer bank, which the children's stall-free models do not describe; refused).
+        """
+        if not isinstance(job, FfnJob):
+            raise TypeError(f"job must be an FfnJob, not {job!r}")
+        _check_count("rows", job.rows)
+        most = min(2, self.residual_rows)
+        if job.rows > most:
+            raise ValueError(f"the cycle model times at most {most} rows, not {job.rows}")
+        up_front = quantizer_latency(self.quant)
+        down_front = quantizer_latency(self.sub_quant)
+        depth = self.cfg.accumulator_depth
+        for name, groups, latency in (("gate/up", self.n_groups[GATE], up_front),
+                                      ("down", self.n_groups[DOWN], down_front)):
+            tail = groups % depth
+            if min(groups, depth) < latency or 0 < tail < latency:
+                raise ValueError(f"{name}: an engine tile of {min(tail or depth, groups)} "
+                                 f"column groups is shorter than the quantizer's "
+                                 f"{latency}-cycle refill: the cycle model is exact only "
+                                 "without that wait")
+        norm_last = [self.norm.expected_cycles(self.hidden, r + 1) - 1
+                     for r in range(job.rows)]
+        # The sub-norm's last output after its last input (one row at a time: a row's up
+        # results come long after the previous row's sub-norm is done).
+        sub_norm = self.sub_norm.expected_cycles(self.ffn, 1) - self.ffn_beats
+        to_sub_norm = self.dequant.latency + self.gated.latency
+
+        def first_act(row: int, done: list) -> int:
+            r, phase = divmod(row, 3)
+            if phase == GATE:
+                start = norm_last[r] + up_front
+                return max(start, done[row - 1][-1] + 1) if r else start
+            if phase == UP:
+                return 0
+            last_up = done[row - 1][-1]
+            return max(last_up + 1, last_up + to_sub_norm + sub_norm + down_front)
+
+        shapes = {GATE: (self.k_blocks[GATE], self.n_groups[GATE]),
+                  UP: (self.k_blocks[GATE], self.n_groups[GATE]),
+                  DOWN: (self.k_blocks[DOWN], self.n_groups[DOWN])}
+        rows = [shapes[phase] for _ in range(job.rows) for phase in (GATE, UP, DOWN)]
+        results = self.datapath.timing(job.reads, job.tiles, job.ddr, rows, first_act)
+        return results[-1][-1] + self.dequant.latency + self.residual.latency + 1

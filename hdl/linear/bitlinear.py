@@ -7,9 +7,18 @@
 The norm, the quantizer and the dequantizer work on the row while the engine works on the
 matmul; their latency hides behind it when the matmul is long (it is, for every real shape).
 Lanes: the element-wise stages move ``C`` fp16 values per beat, the engine's output width.
+
+How long it takes: :meth:`BitLinear.expected_cycles` of a :class:`BitLinearJob`, exact when no
+stream stalls, composed from the children's models: ``RmsNorm.expected_cycles`` gives when
+each row's last normalized beat reaches the quantizer, ``ActQuantizer.expected_cycles`` of
+one activation block the quantizer's latency from a row's last element to its first
+activation beat, ``WeightFedTlmm.timing`` the engine's result beats with that first beat as
+the row's start, and ``Dequantizer.latency`` the last step.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 from amaranth.hdl import Module, unsigned
@@ -18,12 +27,27 @@ from amaranth.lib.wiring import In, Out
 
 from trilut.config import DatapathConfig, EngineConfig
 from trilut.hdl.elementwise.dequant import Dequantizer
-from trilut.hdl.linear.weight_fed_tlmm import WeightFedTlmm
+from trilut.hdl.linear.weight_fed_tlmm import WeightFedJob, WeightFedTlmm, _check_count
 from trilut.hdl.elementwise.act_quant import ActQuantizer
 from trilut.hdl.elementwise.rmsnorm import RmsNorm
 from trilut.models import numerics as nm
 
-__all__ = ["BitLinear"]
+__all__ = ["BitLinear", "BitLinearJob", "quantizer_latency"]
+
+
+def quantizer_latency(quant: ActQuantizer) -> int:
+    """Cycles from a row's last element taken by ``quant`` to its first activation beat
+    offered: ``ActQuantizer.expected_cycles`` of a one-block row, less that row's input
+    beats (the path from the last element on does not depend on the row's length)."""
+    block = quant.block
+    return quant.expected_cycles(block, 1, 1) - -(-block // quant.lanes)
+
+
+@dataclass(frozen=True)
+class BitLinearJob(WeightFedJob):
+    """One stall-free run of :class:`BitLinear`: ``rows`` rows of ``k`` fp16 inputs through
+    the norm to ``n`` outputs, the weight schedule's read and tile commands, the simulated
+    DDR (the fields of :class:`WeightFedJob`)."""
 
 
 class BitLinear(wiring.Component):
@@ -34,7 +58,8 @@ class BitLinear(wiring.Component):
     weight schedule, ``trilut.host.schedule.weight_schedule``); ``axi`` to DDR.
     Shape and scalar inputs, held while a row is in flight: ``k`` (K), ``k_blocks``,
     ``n_groups``, ``tiles_per_row`` (output tiles, ``ActQuantizer.tiles_for(N)``) and
-    ``weight_scale`` (the layer's fp32 weight scale code).
+    ``weight_scale`` (the layer's fp32 weight scale code). The DDR word width, tile depth,
+    bursts in flight and the norm's epsilon come from the ``DatapathConfig``.
     """
 
     def __init__(self, cfg: EngineConfig, datapath: DatapathConfig, *, max_k: int):
@@ -92,3 +117,51 @@ class BitLinear(wiring.Component):
         """Bit-exact: fp16 codes ``x[M, K]`` -> fp16 codes ``y[M, N]`` (level 2 numerics)."""
         return nm.fp16_bitlinear(x_codes, norm_weight_codes, values, weight_scale,
                                  eps=self.norm.eps, lanes=self.norm.lanes)
+
+    # ---- how long it takes ---------------------------------------------------------------
+
+    #: Rows the cycle model times: a third row would wait for a quantizer bank (the first
+    #: row's activations are replayed until its matmul ends) and backpressure the norm,
+    #: which the children's stall-free models do not describe.
+    MAX_TIMED_ROWS = 2
+
+    def act_latency(self) -> int:
+        """Cycles from a row's last element taken by the quantizer to its first activation
+        beat offered (:func:`quantizer_latency`)."""
+        return quantizer_latency(self.quant)
+
+    def expected_cycles(self, job: BitLinearJob) -> int:
+        """Cycles from the first input beat taken (``x``, ``cmd``, ``tiles`` together) to the
+        last ``y`` beat, inclusive, when no stream stalls.
+
+        Row ``r``'s last normalized beat reaches the quantizer on
+        ``RmsNorm.expected_cycles(k, r + 1) - 1`` (the norm is never backpressured with at
+        most two rows in flight), its first activation beat is offered :meth:`act_latency`
+        later, the engine starts the row no earlier (``WeightFedTlmm.timing``), and each
+        result beat leaves the dequantizer ``Dequantizer.latency`` cycles after the engine
+        offers it (the row's scale is ready long before: it starts with the quantizer's
+        second pass). Exact when every engine tile has at least :meth:`act_latency` column
+        groups (the quantizer then always has the next activation beat ready in time;
+        refused otherwise, as are more than ``MAX_TIMED_ROWS`` rows).
+        """
+        if not isinstance(job, BitLinearJob):
+            raise TypeError(f"job must be a BitLinearJob, not {job!r}")
+        _check_count("rows", job.rows)
+        if job.rows > self.MAX_TIMED_ROWS:
+            raise ValueError(f"the cycle model times at most {self.MAX_TIMED_ROWS} rows, "
+                             f"not {job.rows}")
+        if job.k > self.norm.max_n:
+            raise ValueError(f"k = {job.k} exceeds this BitLinear's max_k ({self.norm.max_n})")
+        dp = self.datapath
+        shape = dp.shape(job.k, job.n)
+        latency = self.act_latency()
+        depth = self.cfg.accumulator_depth
+        tail = shape[1] % depth
+        if min(shape[1], depth) < latency or 0 < tail < latency:
+            raise ValueError(f"an engine tile of {min(tail or depth, shape[1])} column groups "
+                             f"is shorter than the quantizer's {latency}-cycle refill: the "
+                             "cycle model is exact only without that wait")
+        first = [self.norm.expected_cycles(job.k, r + 1) - 1 + latency for r in range(job.rows)]
+        results = dp.timing(job.reads, job.tiles, job.ddr, [shape] * job.rows,
+                            lambda row, done: first[row])
+        return results[-1][-1] + self.dequant.latency + 1
