@@ -18,7 +18,7 @@ from amaranth.lib.wiring import In, Out
 from trilut.hdl.attention.exp2 import Exp2Neg
 from trilut.hdl.attention.fp32 import Fp16ToFp32Product, Fp32Add, Fp32Mul
 from trilut.hdl.attention.recip import Recip32
-from trilut.hdl.attention.score import ScorePath, delay_line
+from trilut.hdl.attention.score import ScorePath, delay_line, score_latency
 from trilut.hdl.elementwise.lanes import lane_signature, positive_int
 from trilut.models import attention as att
 from trilut.models import fp16 as fp
@@ -233,10 +233,9 @@ class PrefillAttention(wiring.Component):
         self.max_period = max(self.max_slots * B, self.min_period)
         self._tag_fields = [("slot", max(1, (self.max_slots - 1).bit_length())),
                             ("first", 1), ("masked", 1), ("job_first", 1)]
-        self.score = ScorePath(lanes=lanes, head_dim=head_dim,
-                               tag_width=sum(w for _, w in self._tag_fields))
+        self.score_latency = score_latency(lanes=lanes, head_dim=head_dim)
         #: Cycles from a period's first score item to its first PV item.
-        self.pv_offset = 1 + self.score.latency + Fp32Add.latency + Exp2Neg.latency + 1
+        self.pv_offset = 1 + self.score_latency + Fp32Add.latency + Exp2Neg.latency + 1
         #: Keys of V in flight between the intake and the PV lanes.
         self.ring_keys = 1 + max(0, -(-(self.pv_offset - 2 * B) // self.min_period))
         super().__init__({
@@ -314,10 +313,15 @@ class PrefillAttention(wiring.Component):
         return last_issue + 2
 
     def memory_blocks(self) -> dict[str, int]:
-        """No block RAM or URAM of its own beyond ``Exp2Neg``'s ROM (a RAMB18: half a
-        BRAM36): the buffers (q, k, the V ring, the ``o``/``l`` state, the results) are small
-        and wide and map to LUTRAM (docs/attention_prefill.md)."""
-        return {"bram36": 0.5, "uram": 0}
+        """Block RAM: the two q banks and the two result banks (each ``2 * max_slots * B``
+        words of ``16 lanes`` bits, one write and one read port) in RAMB36E2s of their best
+        simple-dual-port shape (512 x 72, 1K x 36, ...), and ``Exp2Neg``'s ROM (one RAMB18:
+        half a BRAM36). Everything else is LUTRAM or registers: the ``o`` / ``l`` state (read
+        and written every cycle), the k row, the V ring, the per-slot ``m``, ``c``/``p`` and
+        ``1/l`` (docs/attention_prefill.md says why)."""
+        depth, width = 2 * self.max_slots * self.beats, 16 * self.lanes
+        bank = min(-(-width // w) * -(-depth // (36864 // w)) for w in (72, 36, 18, 9))
+        return {"bram36": 2 * bank + 0.5, "uram": 0}
 
     # --- the hardware ---------------------------------------------------------------------------
 
@@ -363,15 +367,17 @@ class PrefillAttention(wiring.Component):
         pv = _Walker(m, self, job, en=ce, go=pv_go, name="pv", drain=True, stop=pv_stop)
 
         # ---- buffers ---------------------------------------------------------------------------
-        def mem(name, width, depth):
-            m.submodules[name] = buf = memory.Memory(shape=unsigned(width), depth=depth, init=[])
+        def mem(name, width, depth, style=None):
+            attrs = {"ram_style": style} if style else None
+            m.submodules[name] = buf = memory.Memory(shape=unsigned(width), depth=depth, init=[],
+                                                     attrs=attrs)
             return buf
 
-        q_mem = mem("q_buffer", 16 * L, 2 * S_max * B)
+        q_mem = mem("q_buffer", 16 * L, 2 * S_max * B, "block")
         k_mem = mem("k_buffer", 16 * L, B)
-        v_mem = mem("v_ring", 16 * L, self.ring_keys * B)
-        o_mem = mem("o_state", 32 * (L + 1), S_max * B)
-        out_mem = mem("out_buffer", 16 * L, 2 * S_max * B)
+        v_mem = mem("v_ring", 16 * L, self.ring_keys * B, "distributed")
+        o_mem = mem("o_state", 32 * (L + 1), S_max * B, "distributed")
+        out_mem = mem("out_buffer", 16 * L, 2 * S_max * B, "block")
         q_w, k_w, v_w, o_w, out_w = (b.write_port() for b in (q_mem, k_mem, v_mem, o_mem, out_mem))
         q_r = q_mem.read_port(domain="sync")
         k_r = k_mem.read_port(domain="sync", transparent_for=(k_w,))
@@ -444,7 +450,9 @@ class PrefillAttention(wiring.Component):
                     m.d.sync += state.eq(idle_state)
 
         # ---- scores -----------------------------------------------------------------------------
-        m.submodules.score = score = self.score
+        m.submodules.score = score = ScorePath(
+            lanes=L, head_dim=self.head_dim, tag_width=sum(w for _, w in self._tag_fields))
+        assert score.latency == self.score_latency
         masked = Signal(name="front_masked")
         m.d.comb += masked.eq((front.qi >= front.queries) | (front.n + front.qi > front.pmax))
         tag_slot = Signal(self._tag_fields[0][1], name="front_tag_slot")
