@@ -58,11 +58,12 @@ class PrefillJob:
         return self.heads // self.kv_heads
 
 
-def prefill_batches(job: PrefillJob, n_pe: int) -> list[tuple[int, int, int]]:
-    """The batches of ``job`` in the unit's order, ``(kv_head, first token, queries)`` with
-    ``keys`` keys each: per KV head, the last ``n_pe`` tokens first (the batch's queries in
-    descending position, token ``first``, ``first - 1``, ...), the last batch partial when
-    ``n_pe`` does not divide ``tokens``. Returns ``(kv_head, first, queries, keys)``."""
+def prefill_batches(job: PrefillJob, n_pe: int) -> list[tuple[int, int, int, int]]:
+    """The batches of ``job`` in the unit's order, as ``(kv_head, first, queries, keys)``:
+    per KV head, the last ``n_pe`` tokens first; a batch's queries are tokens ``first,
+    first - 1, ..., first - queries + 1`` (descending position; the last batch of a head is
+    partial when ``n_pe`` does not divide ``tokens``), and it streams keys ``0 .. keys - 1``:
+    up to its largest query's position ``start + first``, or every key when ``plain``."""
     out = []
     for h in range(job.kv_heads):
         for k in range(-(-job.tokens // n_pe)):
@@ -84,7 +85,7 @@ def _fp32_greater(m: Module, a, b, name: str) -> Signal:
     return gt
 
 
-def _fp16_to_fp32(code) -> "Value":
+def _fp16_to_fp32(code):
     """The fp32 code of a non-negative fp16 code that is +0 or normal (an ``Exp2Neg`` result
     or 1.0)."""
     exponent = code[10:15]
@@ -199,12 +200,17 @@ class PrefillAttention(wiring.Component):
       then ``v_j``'s ``B`` beats of KV head ``h``;
     * ``out`` out: the results, in ``q``'s order.
 
-    The datapath holds a batch's ``slots = n_pe * group`` (query, head) pairs and runs one
-    *period* of ``P = max(slots * B, 2 B, 18)`` cycles per key: the key's beats come in (the
-    first ``2 B`` cycles), the ``slots * B`` (slot, beat) items go through the score path one
-    a cycle, and, ``pv_offset`` cycles behind, the same items through the softmax-and-PV
-    lanes. ``expected_cycles`` is exact when nothing stalls; a stalled stream stops every
-    stage at once (one clock enable).
+    The datapath holds a batch's ``slots = n_pe * group`` (query, head) pairs, slot ``i *
+    group + g`` for the batch's query ``i`` and head ``g`` (an ``n_pe``-query batch of
+    processing elements interleaved in one ``lanes``-wide datapath), and runs one *period* of
+    ``P = max(slots * B, min_period)`` cycles per key, ``min_period = max(2 B, 18)``: the
+    key's ``2 B`` beats come in (cycles ``0 .. 2 B - 1``; ``kv`` waits the rest of the
+    period), the ``slots * B`` (slot, beat) items go through the score path one a cycle, and,
+    ``pv_offset`` cycles behind, the same items through the softmax and PV lanes. A key the
+    slot's query may not see (past its position, or a slot without a query in a partial
+    batch) is masked: its update leaves ``m``, ``l`` and ``o`` exactly as they were.
+    ``expected_cycles`` is exact when nothing stalls; a stalled stream (or a full result
+    buffer) stops every stage at once (one clock enable, ``ce``).
     """
 
     def __init__(self, *, n_pe: int, lanes: int, head_dim: int, max_context: int,
@@ -225,8 +231,9 @@ class PrefillAttention(wiring.Component):
         self.beats = B = head_dim // lanes
         self.max_slots = n_pe * max_group
         #: The loops a period must cover: an ``o`` element read, multiplied by ``c`` and
-        #: added to ``p v`` comes back ``O_LOOP`` cycles later; ``l``'s reciprocal is ready
-        #: for the next period's finishing multiply ``R_LOOP`` cycles after ``l`` was read.
+        #: added to ``p v`` is written back ``o_loop`` cycles later (read, 4 + 5, write);
+        #: ``1/l`` of a batch's last key is ready for the next period's finishing multiply
+        #: ``r_loop`` cycles after ``l`` was read (+ ``Recip32``'s 7).
         self.o_loop = 1 + Fp32Mul.latency + Fp32Add.latency + 1
         self.r_loop = self.o_loop + Recip32.latency
         self.min_period = max(2 * B, self.o_loop, self.r_loop)
