@@ -2,14 +2,15 @@
 """The prefill attention unit (``hdl/attention/prefill.py``) against
 ``models.attention.online_attention``, bit for bit.
 
-Cycle-accurate tier (``rtl``): three Verilator builds, each running all its cases as the phases
+Cycle-accurate tier (``rtl``): four Verilator builds, each running all its cases as the phases
 of one run of the generic testbench: ``n4-l8-d32`` (MHA / GQA / MQA 4/4, 4/2, 4/1 with 1,
 ``n_pe - 1``, ``n_pe`` and ``2 n_pe + 1`` tokens, chunks that start past 0), ``n3-l4-d16`` (an
-``n_pe`` that is not a power of two, 16 beats a vector: the K/V intake sets the period) and
-``kv260`` (n_pe 4, 16 lanes, head_dim 64: the benchmark of docs/attention_prefill.md, 16, 32
-and 64 tokens). Every case runs in both schedules (reordered and plain), on random fp16 with
-some vectors scaled up so that ``exp2`` flushes (checked); stall-free phases assert
-``expected_cycles`` exactly, and the cases run again with 30 % random stalls on every stream;
+``n_pe`` that is not a power of two, 16 beats a vector: the K/V intake sets the period),
+``n1-l8-d8`` (one query a batch, no group, one beat a vector) and ``kv260`` (n_pe 4, 16
+lanes, head_dim 64: the benchmark of docs/attention_prefill.md, 16, 32 and 64 tokens).
+Every case runs in both schedules (reordered and plain), on random fp16 with some vectors
+scaled up so that ``exp2`` flushes (checked); stall-free phases assert ``expected_cycles``
+exactly, and the cases run again with 30 % random stalls on every stream;
 nothing may follow a phase's last beat and ``idle`` must be high after each.
 
 Fast tier: the refusals (a chunk past ``max_context``, heads that do not split, a group too
@@ -97,6 +98,11 @@ BUILDS = {
         "gqa-t7-start3": (3, 7, 4, 2),
         "mha-t3-start1": (1, 3, 1, 1),
     }),
+    # The smallest shapes: one query per batch, no group, one beat a vector (no adder chain).
+    "n1-l8-d8": (dict(n_pe=1, lanes=8, head_dim=8, max_context=8, max_heads=2, max_group=1), {
+        "mha-t1": (0, 1, 1, 1),
+        "mha-t3-start5": (5, 3, 2, 2),
+    }),
     # The kv260 point (n_pe 4, head_dim 64, 16 lanes): the benchmark of docs/attention_prefill.md.
     "kv260": (dict(n_pe=4, lanes=16, head_dim=64, max_context=64, max_heads=4, max_group=4), {
         "mha-t16": (0, 16, 1, 1),
@@ -108,7 +114,8 @@ BUILDS = {
     }),
 }
 #: Cases of each build that run again under random stalls.
-STALLED = {"n4-l8-d32": None, "n3-l4-d16": None, "kv260": ["mha-t16", "gqa4-t16"]}
+STALLED = {"n4-l8-d32": None, "n3-l4-d16": None, "n1-l8-d8": None,
+           "kv260": ["mha-t16", "gqa4-t16"]}
 
 
 @pytest.mark.rtl
@@ -145,8 +152,8 @@ def test_prefill_attention_bit_exact_and_cycles(build, tmp_path):
                     expected={"out": streams["out"]}, expected_cycles=cycles,
                     flags={"idle": 1}, settle_cycles=20))
     assert flushes > 0                       # the data reaches exp2's flush to zero
-    results = run_stream_on(unit, StreamRun(phases), name="prefill_attention_" + build.replace("-", "_"),
-                            run_dir=tmp_path)
+    results = run_stream_on(unit, StreamRun(phases),
+                            name="prefill_attention_" + build.replace("-", "_"), run_dir=tmp_path)
     for phase in results:
         if expected_cycles.get(phase.name) is not None:
             print(f"{build} {phase.name}: {phase.cycles} cycles")
