@@ -2,12 +2,13 @@
 """The prefill attention unit (``hdl/attention/prefill.py``) against
 ``models.attention.online_attention``, bit for bit.
 
-Cycle-accurate tier (``rtl``): four Verilator builds, each running all its cases as the phases
+Cycle-accurate tier (``rtl``): five Verilator builds, each running all its cases as the phases
 of one run of the generic testbench: ``n4-l8-d32`` (MHA / GQA / MQA 4/4, 4/2, 4/1 with 1,
 ``n_pe - 1``, ``n_pe`` and ``2 n_pe + 1`` tokens, chunks that start past 0), ``n3-l4-d16`` (an
-``n_pe`` that is not a power of two, 16 beats a vector: the K/V intake sets the period),
-``n1-l8-d8`` (one query a batch, no group, one beat a vector) and ``kv260`` (n_pe 4, 16
-lanes, head_dim 64: the benchmark of docs/attention_prefill.md, 16, 32 and 64 tokens).
+``n_pe`` that is not a power of two), ``n1-l8-d8`` and ``n1-l2-d16`` (one query a batch: the
+periods wait for the ``o`` loop, with one beat a vector and no adder chain, or for the K/V
+intake) and ``kv260`` (n_pe 4, 16 lanes, head_dim 64: the benchmark of
+docs/attention_prefill.md, 16, 32 and 64 tokens).
 Every case runs in both schedules (reordered and plain), on random fp16 with some vectors
 scaled up so that ``exp2`` flushes (checked); stall-free phases assert ``expected_cycles``
 exactly, and the cases run again with 30 % random stalls on every stream;
@@ -92,16 +93,21 @@ BUILDS = {
         "mha-t6-start11": (11, 6, 4, 4),
         "mqa-t1-start20": (20, 1, 4, 1),
     }),
-    # n_pe that is not a power of two, 4 lanes (16 beats a vector: the intake sets the period).
+    # n_pe that is not a power of two, 4 lanes.
     "n3-l4-d16": (dict(n_pe=3, lanes=4, head_dim=16, max_context=16, max_heads=4, max_group=2), {
         "mha-t2": (0, 2, 2, 2),
         "gqa-t7-start3": (3, 7, 4, 2),
         "mha-t3-start1": (1, 3, 1, 1),
     }),
-    # The smallest shapes: one query per batch, no group, one beat a vector (no adder chain).
+    # One query a batch: the periods wait, for the o loop (one beat a vector, no adder chain)
+    # or for the K/V intake (8 beats a vector, 16 intake beats a key).
     "n1-l8-d8": (dict(n_pe=1, lanes=8, head_dim=8, max_context=8, max_heads=2, max_group=1), {
         "mha-t1": (0, 1, 1, 1),
         "mha-t3-start5": (5, 3, 2, 2),
+    }),
+    "n1-l2-d16": (dict(n_pe=1, lanes=2, head_dim=16, max_context=8, max_heads=2, max_group=2), {
+        "mha-t3-start2": (2, 3, 2, 2),
+        "gqa-t2-start4": (4, 2, 2, 1),
     }),
     # The kv260 point (n_pe 4, head_dim 64, 16 lanes): the benchmark of docs/attention_prefill.md.
     "kv260": (dict(n_pe=4, lanes=16, head_dim=64, max_context=64, max_heads=4, max_group=4), {
@@ -114,7 +120,7 @@ BUILDS = {
     }),
 }
 #: Cases of each build that run again under random stalls.
-STALLED = {"n4-l8-d32": None, "n3-l4-d16": None, "n1-l8-d8": None,
+STALLED = {"n4-l8-d32": None, "n3-l4-d16": None, "n1-l8-d8": None, "n1-l2-d16": None,
            "kv260": ["mha-t16", "gqa4-t16"]}
 
 

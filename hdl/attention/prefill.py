@@ -203,7 +203,7 @@ class PrefillAttention(wiring.Component):
     The datapath holds a batch's ``slots = n_pe * group`` (query, head) pairs, slot ``i *
     group + g`` for the batch's query ``i`` and head ``g`` (an ``n_pe``-query batch of
     processing elements interleaved in one ``lanes``-wide datapath), and runs one *period* of
-    ``P = max(slots * B, min_period)`` cycles per key, ``min_period = max(2 B, 18)``: the
+    ``P = max(slots * B, min_period)`` cycles per key, ``min_period = max(2 B, 11)``: the
     key's ``2 B`` beats come in (cycles ``0 .. 2 B - 1``; ``kv`` waits the rest of the
     period), the ``slots * B`` (slot, beat) items go through the score path one a cycle, and,
     ``pv_offset`` cycles behind, the same items through the softmax and PV lanes. A key the
@@ -230,13 +230,14 @@ class PrefillAttention(wiring.Component):
         self.max_context, self.max_heads, self.max_group = max_context, max_heads, max_group
         self.beats = B = head_dim // lanes
         self.max_slots = n_pe * max_group
-        #: The loops a period must cover: an ``o`` element read, multiplied by ``c`` and
-        #: added to ``p v`` is written back ``o_loop`` cycles later (read, 4 + 5, write);
-        #: ``1/l`` of a batch's last key is ready for the next period's finishing multiply
-        #: ``r_loop`` cycles after ``l`` was read (+ ``Recip32``'s 7).
+        #: The loop a period must cover: an ``o`` element read, multiplied by ``c`` and
+        #: added to ``p v`` is written back ``o_loop`` cycles later (read, 4 + 5, write).
         self.o_loop = 1 + Fp32Mul.latency + Fp32Add.latency + 1
-        self.r_loop = self.o_loop + Recip32.latency
-        self.min_period = max(2 * B, self.o_loop, self.r_loop)
+        #: ``1/l`` of a batch's last key is ready ``o_loop + Recip32.latency`` cycles after
+        #: ``l`` was read, ``finish_wait`` more than a period of ``o_loop`` allows: the
+        #: finishing multiply takes its ``o`` that many cycles after the item read it.
+        self.finish_wait = Recip32.latency
+        self.min_period = max(2 * B, self.o_loop)
         self.max_period = max(self.max_slots * B, self.min_period)
         self._tag_fields = [("slot", max(1, (self.max_slots - 1).bit_length())),
                             ("first", 1), ("masked", 1), ("job_first", 1)]
@@ -295,15 +296,17 @@ class PrefillAttention(wiring.Component):
         in during the previous batch's first period); then one period of ``P`` cycles per
         key of every batch; the PV lanes run ``pv_offset`` cycles behind and one period
         longer (it finishes the last batch). Batch ``i``'s results are written while the
-        period after its last key runs (one a cycle in its item slots, ``1 + Fp32Mul
-        .latency`` cycles after their item) and leave, one a cycle, from the cycle after the
-        last of them was written, or after the previous batch's have left."""
+        period after its last key runs (one a cycle in its item slots, ``1 + finish_wait +
+        Fp32Mul.latency`` cycles after their item: the final ``o`` waits ``finish_wait``
+        cycles for ``1/l``) and leave, one a cycle, from the cycle after the last of them was
+        written, or after the previous batch's have left. The periods wait (idle item
+        cycles) when ``slots * B < min_period``: for the ``2 B`` intake, or the ``o`` loop."""
         self.check_job(job)
         B, P = self.beats, self.period(job)
         batches = prefill_batches(job, self.n_pe)
         f0 = batches[0][2] * job.group * B
         v0 = f0 + self.pv_offset
-        finish_delay = 1 + Fp32Mul.latency
+        finish_delay = 1 + self.finish_wait + Fp32Mul.latency
         keys_done = 0
         last_issue = -1
         issues = []
@@ -514,15 +517,17 @@ class PrefillAttention(wiring.Component):
         addr = pv.s * B + pv.b
         m.d.comb += [o_r.addr.eq(addr), o_r.en.eq(ce),
                      v_r.addr.eq(pv.ring * B + pv.b), v_r.en.eq(ce),
-                     cp_r.addr.eq(pv.s), r_r.addr.eq(Mux(pv.parity, 0, S_max) + pv.s)]
+                     cp_r.addr.eq(pv.s)]
         # Stage 1: beside the memories' read registers.
         s1 = {name: Signal(width, name=f"pv1_{name}") for name, width in [
-            ("valid", 1), ("cp", len(cp_r.data)), ("r", 32), ("first", 1), ("recip", 1),
+            ("valid", 1), ("cp", len(cp_r.data)), ("first", 1), ("recip", 1),
             ("finish", 1), ("finish_last", 1), ("job_end", 1), ("addr", len(o_w.addr)),
-            ("r_addr", len(r_w.addr)), ("out_addr", len(out_w.addr)), ("bank", 1)]}
+            ("r_addr", len(r_w.addr)), ("r_read", len(r_w.addr)), ("out_addr", len(out_w.addr)),
+            ("bank", 1)]}
         with m.If(ce):
             m.d.sync += [
-                s1["valid"].eq(pv.item), s1["cp"].eq(cp_r.data), s1["r"].eq(r_r.data),
+                s1["valid"].eq(pv.item), s1["cp"].eq(cp_r.data),
+                s1["r_read"].eq(Mux(pv.parity, 0, S_max) + pv.s),
                 s1["first"].eq(pv_first),
                 s1["recip"].eq(pv.item & pv.last_key & ~pv.drain & (pv.b == 0)),
                 s1["finish"].eq(finish), s1["finish_last"].eq(finish_last),
@@ -564,14 +569,28 @@ class PrefillAttention(wiring.Component):
         m.d.comb += [r_w.addr.eq(rc[1:]), r_w.data.eq(recip.y), r_w.en.eq(ce & rc[0])]
 
         # ---- finishing: out = round16(o * (1/l)), one rounding ------------------------------
+        # The final o waits finish_wait cycles for 1/l in a small LUTRAM ring (written every
+        # enabled cycle, read finish_wait writes later), so the period need not cover Recip32.
+        wait = self.finish_wait
+        ring_depth = 1 << wait.bit_length()
+        held = mem("finish_wait", 32 * L, ring_depth, "distributed")
+        held_w, held_r = held.write_port(), held.read_port(domain="comb")
+        held_at = Signal(range(ring_depth), name="finish_wait_at")
+        with m.If(ce):
+            m.d.sync += held_at.eq(held_at + 1)
+        m.d.comb += [held_w.addr.eq(held_at), held_w.data.eq(o_r.data[:32 * L]),
+                     held_w.en.eq(ce), held_r.addr.eq(held_at - wait)]
+        fw = delay_line(m, Cat(s1["finish"], s1["finish_last"], s1["job_end"], s1["bank"],
+                               s1["out_addr"], s1["r_read"]), wait, en=ce,
+                        name="finish_wait_ctl")[-1]
+        m.d.comb += r_r.addr.eq(fw[4 + len(out_w.addr):])
         finished = []
         for i in range(L):
             m.submodules[f"finish{i}"] = fin = Fp32Mul(output=fp.FP16)
-            m.d.comb += [fin.a.eq(o_r.data[32 * i:32 * (i + 1)]), fin.b.eq(s1["r"]),
+            m.d.comb += [fin.a.eq(held_r.data[32 * i:32 * (i + 1)]), fin.b.eq(r_r.data),
                          fin.en.eq(ce.replicate(mul_lat))]
             finished.append(fin.y)
-        fc = delay_line(m, Cat(s1["finish"], s1["finish_last"], s1["job_end"], s1["bank"],
-                               s1["out_addr"]), mul_lat, en=ce, name="finish_ctl")[-1]
+        fc = delay_line(m, fw[:4 + len(out_w.addr)], mul_lat, en=ce, name="finish_ctl")[-1]
         fc_write, fc_last, fc_job_end, fc_bank = fc[0], fc[1], fc[2], fc[3]
         fc_addr = fc[4:]
         m.d.comb += [stall_out.eq(fc_write & full.bit_select(fc_bank, 1)),
