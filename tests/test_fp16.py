@@ -11,26 +11,20 @@ Tiers: every test is ``fast`` except the one Verilator run (``rtl``); the file h
 so each test carries its mark rather than a module-wide ``pytestmark``.
 """
 
-import json
 import math
-import os
 from fractions import Fraction
-from pathlib import Path
 
-import cocotb
 import numpy as np
 import pytest
 import torch
 from amaranth.hdl import Module, unsigned
-from amaranth.lib import wiring
+from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 from amaranth.sim import Simulator
-from cocotb.triggers import Timer
 
 from trilut.hdl.elementwise.fp16 import Fp16Add, Fp16Mul, IntToFp16
 from trilut.models import fp16 as fp
 from trilut.models import numerics as nm
-from trilut.sim.runner import run_cocotb
 
 MAX16 = 65504.0
 MIN16 = 2.0 ** -14
@@ -420,53 +414,53 @@ ACC_WIDTH = 22
 
 
 class Fp16Lanes(wiring.Component):
-    """``LANES`` copies of each unit side by side, on wide ports (one VPI access per port
-    per step rather than one per lane)."""
+    """``LANES`` copies of each unit side by side behind one register stage, as a stream:
+    ``operands`` (``a``, ``b``, ``value``: every lane's operands in one beat) in, ``results``
+    (``sum``, ``product``, ``converted``) out, one beat a cycle, latency 1, backpressure from
+    the output (what a lane unit's pipeline stage around these units does)."""
+
+    latency = 1
 
     def __init__(self, lanes: int = LANES, acc_width: int = ACC_WIDTH):
         self.lanes, self.acc_width = lanes, acc_width
+        wide = unsigned(16 * lanes)
         super().__init__({
-            "a": In(unsigned(16 * lanes)), "b": In(unsigned(16 * lanes)),
-            "value": In(unsigned(acc_width * lanes)),
-            "sum": Out(unsigned(16 * lanes)), "product": Out(unsigned(16 * lanes)),
-            "converted": Out(unsigned(16 * lanes)),
+            "operands": In(stream.Signature(data.StructLayout({
+                "a": wide, "b": wide, "value": unsigned(acc_width * lanes)}))),
+            "results": Out(stream.Signature(data.StructLayout({
+                "sum": wide, "product": wide, "converted": wide}))),
         })
 
     def elaborate(self, platform):
         m = Module()
+        x, y = self.operands.payload, self.results.payload
+        load = ~self.results.valid | self.results.ready
+        m.d.comb += self.operands.ready.eq(load)
+        with m.If(load):
+            m.d.sync += self.results.valid.eq(self.operands.valid)
         for i in range(self.lanes):
             add, mul, conv = Fp16Add(), Fp16Mul(), IntToFp16(self.acc_width)
             m.submodules[f"add{i}"], m.submodules[f"mul{i}"] = add, mul
             m.submodules[f"conv{i}"] = conv
             lane = slice(16 * i, 16 * i + 16)
             m.d.comb += [
-                add.a.eq(self.a[lane]), add.b.eq(self.b[lane]),
-                mul.a.eq(self.a[lane]), mul.b.eq(self.b[lane]),
-                conv.value.eq(self.value[self.acc_width * i:self.acc_width * (i + 1)]),
-                self.sum[lane].eq(add.y), self.product[lane].eq(mul.y),
-                self.converted[lane].eq(conv.y),
+                add.a.eq(x.a[lane]), add.b.eq(x.b[lane]),
+                mul.a.eq(x.a[lane]), mul.b.eq(x.b[lane]),
+                conv.value.eq(x.value[self.acc_width * i:self.acc_width * (i + 1)]),
             ]
+            with m.If(load):
+                m.d.sync += [y.sum[lane].eq(add.y), y.product[lane].eq(mul.y),
+                             y.converted[lane].eq(conv.y)]
         return m
-
-
-@cocotb.test()
-async def fp16_lanes_tb(dut):
-    """Drive every step's operands, wait 1 ns for the combinational logic, read back."""
-    steps = json.loads(Path(os.environ["TRILUT_FP16_STEPS"]).read_text())
-    out = []
-    for a, b, value in steps:
-        dut.a.value = int(a, 16)
-        dut.b.value = int(b, 16)
-        dut.value.value = int(value, 16)
-        await Timer(1, unit="ns")
-        out.append([format(dut.sum.value.to_unsigned(), "x"),
-                    format(dut.product.value.to_unsigned(), "x"),
-                    format(dut.converted.value.to_unsigned(), "x")])
-    Path(os.environ["TRILUT_FP16_RESULTS"]).write_text(json.dumps(out))
 
 
 @pytest.mark.rtl
 def test_units_bit_exact_on_verilator(tmp_path):
+    """The generic testbench: every step's operands a beat; bit-exact results, one a cycle
+    (cycles exactly steps + latency without stalls), and the same under random stalls."""
+    from trilut.sim.transport import run_stream_on
+    from trilut.transport import StreamPhase, StreamRun
+
     steps = 8192
     rng = np.random.default_rng(11)
     a, b = _pairs(rng, per_code=4)
@@ -481,16 +475,20 @@ def test_units_bit_exact_on_verilator(tmp_path):
     value >>= rng.integers(0, ACC_WIDTH, (steps, LANES))
     value_bits = value & ((1 << ACC_WIDTH) - 1)
 
-    packed = zip(nm.pack_rows(a, 16), nm.pack_rows(b, 16), nm.pack_rows(value_bits, ACC_WIDTH))
-    steps_file, results_file = tmp_path / "steps.json", tmp_path / "results.json"
-    steps_file.write_text(json.dumps([[format(x, "x") for x in row] for row in packed]))
-    run_cocotb(Fp16Lanes(), name="fp16_lanes", test_module=__name__, run_dir=tmp_path,
-               env={"TRILUT_FP16_STEPS": str(steps_file),
-                    "TRILUT_FP16_RESULTS": str(results_file)})
-    results = json.loads(results_file.read_text())
-    got = np.array([[nm.unpack_fields(int(word, 16), 16, LANES) for word in row]
-                    for row in results])                     # [steps, 3, LANES]
-    np.testing.assert_array_equal(got[:, 0], fp.fp16_add(a, b))
-    np.testing.assert_array_equal(got[:, 1], fp.fp16_mul(a, b))
-    np.testing.assert_array_equal(got[:, 2], fp.int_to_fp16(value))
+    wide = 16 * LANES
+    operands = [pa | pb << wide | pv << 2 * wide for pa, pb, pv in zip(
+        nm.pack_rows(a, 16), nm.pack_rows(b, 16), nm.pack_rows(value_bits, ACC_WIDTH))]
+    results = [s | p << wide | c << 2 * wide for s, p, c in zip(
+        nm.pack_rows(fp.fp16_add(a, b), 16), nm.pack_rows(fp.fp16_mul(a, b), 16),
+        nm.pack_rows(fp.int_to_fp16(value), 16))]
+    dut = Fp16Lanes()
+    few = slice(0, 2000)
+    run = StreamRun([
+        StreamPhase(name="no-stall", inputs={"operands": operands},
+                    expected={"results": results}, expected_cycles=steps + dut.latency),
+        StreamPhase(name="stalls", inputs={"operands": operands[few]},
+                    expected={"results": results[few]}, stall=0.3, seed=5),
+    ])
+    (free, stalled) = run_stream_on(dut, run, name="fp16_lanes", run_dir=tmp_path)
+    assert free.cycles == steps + dut.latency and len(stalled.outputs["results"]) == 2000
     assert math.prod(a.shape) == steps * LANES
