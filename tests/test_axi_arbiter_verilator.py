@@ -29,21 +29,17 @@ Fast tier: the parameter refusals. amaranth.sim: the grant rule under random ``a
 
 import random
 
-import cocotb
 import pytest
 from amaranth.hdl import Module
 from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
 from amaranth.sim import Simulator
-from cocotb.triggers import ClockCycles
 
 from trilut.config import DdrSimConfig
 from trilut.hdl.memory.axi import PAGE_BYTES, AxiReadMaster, AxiReadSignature
 from trilut.hdl.memory.axi_arbiter import AxiReadArbiter, AxiReadArbiterJob
 from trilut.sim.ddr_model import DdrHarness, DdrModel
-from trilut.sim import runner
 from trilut.sim.runner import run_case
-from trilut.sim.streams import StreamSink, StreamSource, reset, stalls, start_clock
 from trilut.sim.transport import run_stream_on
 from trilut.transport import StreamPhase, StreamRun
 
@@ -236,38 +232,6 @@ EXTERNAL_SIZE = 1 << 16
 EXTERNAL_REGION = 1 << 14       # port i reads its own 16 KiB of the RAM
 
 
-@cocotb.test()
-async def arbiter_against_axi_ram(dut):
-    """cocotb: the ports' commands against an ``AxiRamRead`` (IDs as the arbiter drives them),
-    with pauses on both RAM channels and on every stream when ``stall``."""
-    from cocotbext.axi import AxiRamRead, AxiReadBus
-
-    case = runner.testbench_case()
-    start_clock(dut.clk, 4)
-    await reset(dut.clk, dut.rst)
-    ram = AxiRamRead(AxiReadBus.from_prefix(dut, "axi"), dut.clk, dut.rst, size=case["size"])
-    for addr, word in case["image"]:
-        ram.write(addr, word.to_bytes(WORD, "little"))
-    stall, seed = case["stall"], case["seed"]
-    if stall:
-        ram.ar_channel.set_pause_generator(stalls(stall, seed + 200))
-        ram.r_channel.set_pause_generator(stalls(stall, seed + 201))
-    sinks = []
-    for i, commands in enumerate(case["commands"]):
-        source = StreamSource(dut, f"cmd{i}", dut.clk, stalls(stall, seed + i))
-        for addr, length in commands:
-            source.send_nowait(addr | length << ADDR_WIDTH)
-        sinks.append(StreamSink(dut, f"data{i}", dut.clk, stalls(stall, seed + 100 + i)))
-    seen = {"data": [], "extra": []}
-    for sink, commands in zip(sinks, case["commands"]):
-        total = sum(n for _, n in commands)
-        seen["data"].append(await sink.recv_n(total, timeout_cycles=200_000))
-    await ClockCycles(dut.clk, 40)
-    seen["extra"] = [len(s.received) - len(d) for s, d in zip(sinks, seen["data"])]
-    seen["error"], seen["idle"] = int(dut.error.value), int(dut.idle.value)
-    runner.testbench_results(seen)
-
-
 @pytest.mark.rtl
 @pytest.mark.parametrize("stall", [0.0, 0.3])
 def test_arbiter_against_cocotbext_axi_ram(stall, tmp_path):
@@ -284,13 +248,15 @@ def test_arbiter_against_cocotbext_axi_ram(stall, tmp_path):
     top = FlatAxiPorts(block)
     assert "axi_arid" in top.signature.members and len(top.axi_arid) == 2   # the real IDs
     used = sorted({a // WORD + k for c in commands for a, n in c for k in range(n)})
-    case = {"size": EXTERNAL_SIZE, "image": [(w * WORD, memory[w]) for w in used],
-            "commands": commands, "stall": stall, "seed": 17}
-    seen, _ = run_case(top, name="axi_read_arbiter_external", test_module=__name__,
-                       case=case, run_dir=tmp_path)
+    case = {"kind": "read", "size": EXTERNAL_SIZE, "word_bytes": WORD,
+            "addr_width": ADDR_WIDTH, "image": [(w * WORD, memory[w]) for w in used],
+            "ports": [str(i) for i in range(ports)], "commands": commands, "stall": stall,
+            "seed": 17}
+    seen, _ = run_case(top, name="axi_read_arbiter_external",
+                       test_module="trilut.sim.tb_external_axi", case=case, run_dir=tmp_path)
     job = block.job(commands, DdrSimConfig(), ports - 1)
     assert seen["data"] == block.arbiter.model(memory, job)
-    assert seen["extra"] == [0] * ports and seen["error"] == 0 and seen["idle"] == 1
+    assert seen["extra_data"] == [0] * ports and seen["error"] == 0 and seen["idle"] == 1
 
 
 # ---- amaranth.sim: the grant rule, cycle by cycle ------------------------------------------

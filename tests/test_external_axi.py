@@ -52,8 +52,9 @@ def test_read_master_against_cocotbext_axi_ram(stall, tmp_path):
     memory = [rng.getrandbits(128) for _ in range(SIZE // WORD)]
     image = [(a * WORD, memory[a]) for a in sorted({a // WORD + i for a, n in COMMANDS
                                                     for i in range(n)})]
-    case = _case("read", rng, stall=stall, seed=9, image=image)
+    case = {**_case("read", rng, stall=stall, seed=9, image=image), "ports": [""],
+            "commands": [COMMANDS]}
     seen, _ = run_case(FlatAxiPorts(master), name="axi_read_external",
                        test_module="trilut.sim.tb_external_axi", case=case, run_dir=tmp_path)
-    assert seen["data"] == master.model(memory, COMMANDS)
-    assert seen["extra_data"] == 0 and seen["error"] == 0 and seen["idle"] == 1
+    assert seen["data"] == [master.model(memory, COMMANDS)]
+    assert seen["extra_data"] == [0] and seen["error"] == 0 and seen["idle"] == 1
