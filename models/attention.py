@@ -325,3 +325,66 @@ def rope_table_beats(cos, sin, lanes: int) -> list[int]:
     interleaved = np.empty((cos.shape[0], d), dtype="<u2")
     interleaved[:, 0::2], interleaved[:, 1::2] = cos, sin
     return [int.from_bytes(beat.tobytes(), "little") for beat in interleaved.reshape(-1, lanes)]
+
+
+# --- the attention units' stream orders (host packers; the units' contract) ----------------------
+
+def prefill_batches(*, start: int, tokens: int, kv_heads: int, n_pe: int,
+                    plain: bool) -> list[tuple[int, int, int, int]]:
+    """The prefill unit's batches, in its order, as ``(kv_head, first, queries, keys)``: per
+    KV head, the last ``n_pe`` tokens first; a batch's queries are tokens ``first, first - 1,
+    ..., first - queries + 1`` (descending position; the last batch of a head is partial when
+    ``n_pe`` does not divide ``tokens``), and it streams keys ``0 .. keys - 1``: up to its
+    largest query's position ``start + first`` (causal skipping), or every key when
+    ``plain``."""
+    out = []
+    for h in range(kv_heads):
+        for b in range(-(-tokens // n_pe)):
+            first = tokens - 1 - b * n_pe
+            queries = min(n_pe, first + 1)
+            keys = start + tokens if plain else start + first + 1
+            out.append((h, first, queries, keys))
+    return out
+
+
+def prefill_streams(q, k, v, *, start: int, n_pe: int, lanes: int, plain: bool,
+                    out=None) -> dict[str, list[int]]:
+    """The prefill unit's streams for one chunk: fp16 codes ``q[H, T, d]``, ``k, v[H_kv, S,
+    d]`` (and the expected ``out[H, T, d]``) -> lane beats of ``q``, ``kv`` (and ``out``): per
+    batch (:func:`prefill_batches`), ``q`` per query (descending position) per query head of
+    the KV head's group; ``kv`` per key, ``k_j``'s beats then ``v_j``'s."""
+    from trilut.models.numerics import lane_beats
+    q, k, v = (np.asarray(a, dtype=np.uint16) for a in (q, k, v))
+    heads, tokens, _ = q.shape
+    group = heads // k.shape[0]
+    qs, kvs, outs = [], [], []
+    for h, first, queries, keys in prefill_batches(start=start, tokens=tokens,
+                                                   kv_heads=k.shape[0], n_pe=n_pe, plain=plain):
+        for i in range(queries):
+            for g in range(group):
+                qs.append(q[h * group + g, first - i])
+                if out is not None:
+                    outs.append(out[h * group + g, first - i])
+        for j in range(keys):
+            kvs += [k[h, j], v[h, j]]
+    streams = {"q": lane_beats(np.array(qs), lanes), "kv": lane_beats(np.array(kvs), lanes)}
+    if out is not None:
+        streams["out"] = lane_beats(np.array(outs), lanes)
+    return streams
+
+
+def decode_streams(q, k, v, *, position: int, lanes: int, out=None) -> dict[str, list[int]]:
+    """The decode unit's streams for one step: ``q[H, 1, d]`` head-major; ``k`` and ``v`` per
+    KV head, positions ``0 .. position`` (one incrementing range of the KV cache each); and
+    the expected ``out[H, 1, d]``."""
+    from trilut.models.numerics import lane_beats
+    d = np.shape(q)[-1]
+    streams = {"q": lane_beats(np.asarray(q).reshape(-1, d), lanes),
+               "k": lane_beats(np.asarray(k)[:, :position + 1].reshape(-1, d), lanes),
+               "v": lane_beats(np.asarray(v)[:, :position + 1].reshape(-1, d), lanes)}
+    if out is not None:
+        streams["out"] = lane_beats(np.asarray(out).reshape(-1, d), lanes)
+    return streams
+
+
+__all__ += ["prefill_batches", "prefill_streams", "decode_streams"]

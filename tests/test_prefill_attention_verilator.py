@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 from trilut.hdl.attention.prefill import PrefillAttention, PrefillJob, prefill_batches
+from trilut.models import attention as att
 from trilut.models import fp16 as fp
 from trilut.models import numerics as nm
 
@@ -33,24 +34,9 @@ BUILD = dict(n_pe=4, lanes=8, head_dim=32, max_context=32, max_heads=4, max_grou
 
 
 def prefill_streams(unit: PrefillAttention, job: PrefillJob, q, k, v, out=None) -> dict:
-    """The unit's streams for one job: fp16 codes ``q[H, T, d]``, ``k, v[H_kv, S, d]`` (and
-    the expected ``out[H, T, d]``) -> lane beats of ``q``, ``kv`` (and ``out``), in the order
-    of ``PrefillAttention``'s docstring: per batch (:func:`prefill_batches`), ``q`` per query
-    (descending position) per head of the group; ``kv`` per key ``k_j`` then ``v_j``."""
-    L, G = unit.lanes, job.group
-    qs, kvs, outs = [], [], []
-    for h, first, queries, keys in prefill_batches(job, unit.n_pe):
-        for i in range(queries):
-            for g in range(G):
-                qs.append(q[h * G + g, first - i])
-                if out is not None:
-                    outs.append(out[h * G + g, first - i])
-        for j in range(keys):
-            kvs += [k[h, j], v[h, j]]
-    streams = {"q": nm.lane_beats(np.array(qs), L), "kv": nm.lane_beats(np.array(kvs), L)}
-    if out is not None:
-        streams["out"] = nm.lane_beats(np.array(outs), L)
-    return streams
+    """The unit's streams for one job (the host's packer, ``models.attention.prefill_streams``)."""
+    return att.prefill_streams(q, k, v, start=job.start, n_pe=unit.n_pe, lanes=unit.lanes,
+                               plain=job.plain, out=out)
 
 
 def _data(rng, job: PrefillJob, d: int):

@@ -59,19 +59,10 @@ class PrefillJob:
 
 
 def prefill_batches(job: PrefillJob, n_pe: int) -> list[tuple[int, int, int, int]]:
-    """The batches of ``job`` in the unit's order, as ``(kv_head, first, queries, keys)``:
-    per KV head, the last ``n_pe`` tokens first; a batch's queries are tokens ``first,
-    first - 1, ..., first - queries + 1`` (descending position; the last batch of a head is
-    partial when ``n_pe`` does not divide ``tokens``), and it streams keys ``0 .. keys - 1``:
-    up to its largest query's position ``start + first``, or every key when ``plain``."""
-    out = []
-    for h in range(job.kv_heads):
-        for k in range(-(-job.tokens // n_pe)):
-            first = job.tokens - 1 - k * n_pe
-            queries = min(n_pe, first + 1)
-            keys = job.start + job.tokens if job.plain else job.start + first + 1
-            out.append((h, first, queries, keys))
-    return out
+    """The batches of ``job`` in the unit's order (``trilut.models.attention.prefill_batches``,
+    the order the host packs the streams in)."""
+    return att.prefill_batches(start=job.start, tokens=job.tokens, kv_heads=job.kv_heads,
+                               n_pe=n_pe, plain=job.plain)
 
 
 def _fp32_greater(m: Module, a, b, name: str) -> Signal:
