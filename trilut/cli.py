@@ -137,6 +137,10 @@ def cmd_bench(args) -> int:
                                               resources=not args.no_resources, console=console),
             "linear_from_ddr": run_ddr_linear_benchmark(quick=args.quick, console=console),
             "ffn_block": run_ffn_benchmark(quick=args.quick, console=console)}
+    if not args.no_attention:
+        from trilut.attention_bench import run_attention_benchmark
+        rows["attention"] = run_attention_benchmark(quick=args.quick, out_dir=args.out,
+                                                    console=console)
     if args.json:
         print(json.dumps(rows, indent=2))
     return 0
@@ -181,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("bench", help="TLMM engine cycles vs ideal on Verilator, with resources")
     p.add_argument("--quick", action="store_true", help="smaller matrices")
     p.add_argument("--no-resources", action="store_true", help="skip the yosys estimates")
+    p.add_argument("--no-attention", action="store_true",
+                   help="skip the attention units' prefill and decode runs")
+    p.add_argument("--out", default="trilut-bench", help="where the plots go")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
 
