@@ -101,17 +101,22 @@ def _plot(prefill, decode, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     for schedule, style in (("reordered", "o-"), ("plain", "s--")):
         pts = [r for r in prefill if r["schedule"] == schedule]
         a.plot([r["tokens"] for r in pts], [r["cycles"] for r in pts], style, label=schedule)
-    a.set(xscale="log", yscale="log", xlabel="prompt tokens", ylabel="cycles (one KV head)",
+    a.set(yscale="log", xlabel="prompt tokens", ylabel="cycles (one KV head)",
           title="prefill attention, 4 PEs x 16 lanes, d = 64")
     a.legend()
     b.plot([r["context"] for r in decode], [r["cycles"] for r in decode], "o-")
-    b.set(xscale="log", yscale="log", xlabel="context (positions)", ylabel="cycles (one head)",
+    b.set(yscale="log", xlabel="context (positions)", ylabel="cycles (one head)",
           title="decode attention, 16 lanes, d = 64")
-    for ax in (a, b):
+    for ax, xs in ((a, sorted({r["tokens"] for r in prefill})),
+                   (b, [r["context"] for r in decode])):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(xs, [str(x) for x in xs])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
