@@ -161,8 +161,7 @@ def bitlinear_job(image: WeightImage, layer: str, norm: str, x: np.ndarray, *,
     phase = StreamPhase(
         name=layer, stall=stall, seed=seed,
         scalars={"k": k, "k_blocks": feed.k_blocks, "n_groups": feed.n_groups,
-                 # ActQuantizer.tiles_for(N): output tiles of C*D columns.
-                 "tiles_per_row": -(-cfg.padded_n(n) // (lanes * cfg.accumulator_depth)),
+                 "tiles_per_row": cfg.output_tiles(n),
                  "weight_scale": _fp32_code(scale)},
         inputs={"cmd": feed.cmd, "tiles": feed.tiles, "x": nm.lane_beats(x, lanes),
                 "norm_weight": nm.lane_beats(np.tile(norm_w, (m, 1)), lanes)},

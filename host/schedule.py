@@ -17,18 +17,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# One definition each, shared with the HDL (``AxiReadMaster``, ``WeightBuffer``).
+from trilut.config import AXI_ADDR_WIDTH, MAX_REPLAYS
 from trilut.host.weight_image import WeightImage
 
 __all__ = ["TileCommand", "STREAM_TILE_BEATS", "AXI_ADDR_WIDTH", "MAX_REPLAYS",
            "weight_schedule", "read_command", "tile_command", "WeightFeed", "weight_feed",
            "ddr_depth_for"]
-
-#: Byte-address width of the AXI read master (``AxiReadMaster(addr_width=40)``, the Zynq
-#: UltraScale+ HP ports' 40-bit address space); the read command's length sits above it.
-AXI_ADDR_WIDTH = 40
-
-#: The weight buffer's largest replay count (``WeightBuffer(max_replays=65535)``).
-MAX_REPLAYS = 65535
 
 #: Tile size when a row streams straight through (no replay): small tiles let the next tile's
 #: fill overlap this one's stream from the start (a single tile would fill completely first).

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import numerics
+from .checks import positive_int
 
 __all__ = ["BitNetConfig", "BitNetModel", "KVCache", "TernaryLinear", "LINEAR_NAMES",
            "FLOAT_ORDERS"]
@@ -52,11 +53,6 @@ _HF_DEFAULTS = dict(
     max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=500000.0, hidden_act="relu2",
     tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128001,
 )
-
-
-def _positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, not {value!r}")
 
 
 @dataclass(frozen=True)
@@ -87,10 +83,10 @@ class BitNetConfig:
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "max_position_embeddings"):
-            _positive_int(name, getattr(self, name))
+            positive_int(name, getattr(self, name))
         if self.num_key_value_heads is None:
             object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
-        _positive_int("num_key_value_heads", self.num_key_value_heads)
+        positive_int("num_key_value_heads", self.num_key_value_heads)
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"num_attention_heads = {self.num_attention_heads} does not divide "
@@ -102,7 +98,7 @@ class BitNetConfig:
         derived = self.hidden_size // self.num_attention_heads
         if self.head_dim is None:
             object.__setattr__(self, "head_dim", derived)
-        _positive_int("head_dim", self.head_dim)
+        positive_int("head_dim", self.head_dim)
         if self.head_dim != derived:
             raise ValueError(
                 f"head_dim = {self.head_dim} must be hidden_size / num_attention_heads = "
@@ -297,8 +293,8 @@ class KVCache:
     def __init__(self, config: BitNetConfig, *, batch_size: int = 1,
                  max_length: int | None = None):
         max_length = config.max_position_embeddings if max_length is None else max_length
-        _positive_int("batch_size", batch_size)
-        _positive_int("max_length", max_length)
+        positive_int("batch_size", batch_size)
+        positive_int("max_length", max_length)
         shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_length,
                  config.head_dim)
         self.keys = torch.zeros(shape)

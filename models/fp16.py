@@ -485,11 +485,26 @@ class ElementwiseArithmetic:
         squares = squares.reshape(*squares.shape[:-1], -1, partials)
         with np.errstate(over="ignore"):
             level = np.add.accumulate(squares, axis=-2, dtype=np.float32)[..., -1, :]
+        return self.pairwise_sum(level)
+
+    @staticmethod
+    def pairwise_sum(level) -> np.ndarray:
+        """The pairwise tree over non-negative fp32 partial sums (last axis; float32), as
+        ``RmsScale`` adds them: neighbours pair up level by level, an odd one passes on."""
+        level = np.asarray(level, dtype=np.float32)
+        with np.errstate(over="ignore"):
             while level.shape[-1] > 1:
                 pairs = level.shape[-1] // 2
                 summed = level[..., 0:2 * pairs:2] + level[..., 1:2 * pairs:2]
                 level = np.concatenate([summed, level[..., 2 * pairs:]], axis=-1)
         return np.minimum(level[..., 0].astype(np.float64), FP32.max_value)
+
+    @staticmethod
+    def rms_scale(ssq, n: int, eps: float) -> np.ndarray:
+        """``r = rsqrt_fp32(round32(round32(ssq * round32(1/n)) + round32(eps)))``: the
+        per-row scalar of :meth:`rmsnorm` from the fp32 sum of squares."""
+        mean = FP32.round(np.asarray(ssq, dtype=np.float64) * FP32.round(1.0 / n))
+        return rsqrt_fp32(FP32.round(mean + FP32.round(eps)))
 
     def rmsnorm(self, x, weight, eps: float, partials: int = 1) -> np.ndarray:
         """RMSNorm along the last axis, as the hardware computes it::
@@ -504,9 +519,7 @@ class ElementwiseArithmetic:
         """
         x = np.asarray(x, dtype=np.float64)
         n = x.shape[-1]
-        ssq = self.sum_of_squares(x, partials)[..., None]
-        mean = FP32.round(ssq * FP32.round(1.0 / n))
-        r = rsqrt_fp32(FP32.round(mean + FP32.round(eps)))
+        r = self.rms_scale(self.sum_of_squares(x, partials)[..., None], n, eps)
         return self.mul(self.fmt.round(x * r), weight)
 
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from trilut.models.checks import positive_int
+
 __all__ = ["KvLayout"]
 
 #: Bytes per cached element (fp16).
@@ -33,9 +35,7 @@ class KvLayout:
 
     def __post_init__(self):
         for name in ("layers", "kv_heads", "max_context", "head_dim"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"KV layout: {name} must be a positive integer, not {value!r}")
+            positive_int(f"KV layout: {name}", getattr(self, name))
         if self.k_base < 0 or self.k_base % 4096:
             raise ValueError(f"KV layout: k_base must be a non-negative multiple of 4096, "
                              f"not {self.k_base:#x}")

@@ -18,9 +18,11 @@ from amaranth.lib import data, fifo, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
+from trilut.config import DdrSimConfig
 from trilut.hdl.memory.axi import (AXI4_MAX_BURST, BURST_INCR, PAGE_BYTES, RESP_OKAY,
                                    AxiReadMaster, AxiReadSignature, check_axi_widths)
 from trilut.hdl.memory.axi_write import AxiWriteSignature
+from trilut.models.checks import int_in_range, positive_int, power_of_two
 
 __all__ = ["VIOLATION_LAYOUT", "WRITE_VIOLATION_LAYOUT", "DdrModel", "DdrHarness",
            "DdrReadHarness", "forward_members"]
@@ -59,7 +61,7 @@ class DdrModel(wiring.Component):
     * ``violations`` out: sticky flags (:data:`VIOLATION_LAYOUT`) of AXI4 rules broken by an
       AR: not INCR, not full width, unaligned, or crossing a 4 KiB boundary.
 
-    Timing, both elaboration parameters:
+    Timing, both from ``ddr`` (a ``DdrSimConfig``, the board's ``[ddr_sim]``), fixed when built:
 
     * ``latency``: cycles from an AR handshake to its first R beat, when nothing is queued
       before it and ``rready`` is high (at least 2).
@@ -91,30 +93,23 @@ class DdrModel(wiring.Component):
     the R payload come from registers and hold while ``rready`` is low.
     """
 
-    def __init__(self, *, depth: int, data_width: int = 128, addr_width: int = 40,
-                 id_width: int = 0, latency: int = 20, beats_per_window: int = 1,
-                 window: int = 1, ar_queue_depth: int = 8, write: bool = False,
+    def __init__(self, *, depth: int, data_width: int, addr_width: int, ddr: DdrSimConfig,
+                 id_width: int = 0, ar_queue_depth: int = 8, write: bool = False,
                  b_latency: int = 2):
         check_axi_widths(data_width=data_width, addr_width=addr_width, id_width=id_width)
-        if not (isinstance(depth, int) and depth >= 2 and depth & (depth - 1) == 0):
-            raise ValueError(f"depth must be a power of two of at least 2 words, not {depth!r}")
+        power_of_two("depth", depth, 2, why="words")
         if depth * (data_width // 8) > 2 ** addr_width:
             raise ValueError(f"depth {depth} words of {data_width} bits exceeds the "
                              f"{addr_width}-bit address space")
-        if not (isinstance(latency, int) and 2 <= latency < 2 ** (_TIME_WIDTH - 1)):
-            raise ValueError(f"latency must be an integer of at least 2 cycles, not {latency!r}")
-        if not (isinstance(window, int) and window >= 1):
-            raise ValueError(f"window must be a positive integer, not {window!r}")
-        if not (isinstance(beats_per_window, int) and 1 <= beats_per_window <= window):
-            raise ValueError(f"beats_per_window must be an integer from 1 to window "
-                             f"({window}): at most one beat per cycle, "
-                             f"not {beats_per_window!r}")
-        if not (isinstance(ar_queue_depth, int) and ar_queue_depth >= 1):
-            raise ValueError(f"ar_queue_depth must be a positive integer, "
-                             f"not {ar_queue_depth!r}")
-        if write and not (isinstance(b_latency, int) and 1 <= b_latency < 2 ** (_TIME_WIDTH - 1)):
-            raise ValueError(f"b_latency must be an integer of at least 1 cycle, "
-                             f"not {b_latency!r}")
+        # The latency and the rate are the board's ``[ddr_sim]``, checked there (the latency
+        # against this model's signed _TIME_WIDTH-bit time registers).
+        if not isinstance(ddr, DdrSimConfig):
+            raise TypeError(f"ddr must be a DdrSimConfig, not {ddr!r}")
+        latency, beats_per_window, window = ddr.latency, ddr.beats_per_window, ddr.window
+        positive_int("ar_queue_depth", ar_queue_depth)
+        if write:
+            int_in_range("b_latency", b_latency, 1, 2 ** (_TIME_WIDTH - 1) - 1, why="cycles")
+        self.ddr = ddr
         self.write = write
         self.b_latency = b_latency
         self.depth = depth
@@ -435,14 +430,12 @@ class DdrReadHarness(DdrHarness):
     """:class:`DdrHarness` around an :class:`AxiReadMaster` (``master``): its ``cmd``,
     ``data``, ``error`` and ``idle`` become top-level ports."""
 
-    def __init__(self, *, depth: int, data_width: int = 128, addr_width: int = 40,
-                 length_width: int = 24, max_burst: int = AXI4_MAX_BURST,
-                 max_outstanding: int = 4, buffer_depth: "int | None" = None,
-                 latency: int = 20, beats_per_window: int = 1, window: int = 1,
-                 ar_queue_depth: int = 8):
+    def __init__(self, *, depth: int, data_width: int, addr_width: int, max_outstanding: int,
+                 ddr: DdrSimConfig, length_width: int = 24, max_burst: int = AXI4_MAX_BURST,
+                 buffer_depth: "int | None" = None, ar_queue_depth: int = 8):
         self.master = AxiReadMaster(data_width=data_width, addr_width=addr_width,
                                     length_width=length_width, max_burst=max_burst,
                                     max_outstanding=max_outstanding, buffer_depth=buffer_depth)
         super().__init__(self.master, DdrModel(
-            depth=depth, data_width=data_width, addr_width=addr_width, latency=latency,
-            beats_per_window=beats_per_window, window=window, ar_queue_depth=ar_queue_depth))
+            depth=depth, data_width=data_width, addr_width=addr_width, ddr=ddr,
+            ar_queue_depth=ar_queue_depth))

@@ -26,10 +26,11 @@ from amaranth.lib import wiring
 
 from amaranth.hdl import Elaboratable
 
+from trilut.config import AXI_ADDR_WIDTH
 from trilut.hdl.linear.bitlinear import BitLinear, BitLinearJob
 from trilut.hdl.decoder.ffn_block import FfnBlock, FfnJob
 from trilut.hdl.linear.weight_fed_tlmm import WeightFedJob, WeightFedTlmm
-from trilut.hdl.linear.tlmm_engine import TlmmEngine
+from trilut.hdl.linear.tlmm_engine import TlmmEngine, TlmmJob
 from trilut.sim.ddr_model import DdrHarness, DdrModel
 from trilut.sim.runner import run_case
 from trilut.transport import BlockRequest, PhaseResult, StreamPhase, StreamRun, Transport
@@ -39,10 +40,9 @@ __all__ = ["SimulationTransport", "build_block", "run_stream_on", "BLOCK_KINDS",
 
 
 def _ddr_fed(block: wiring.Component, params) -> DdrHarness:
-    ddr = params["ddr"]
     return DdrHarness(block, DdrModel(
         depth=params["ddr_depth"], data_width=params["datapath"].ddr_word_bits,
-        latency=ddr.latency, beats_per_window=ddr.beats_per_window, window=ddr.window))
+        addr_width=AXI_ADDR_WIDTH, ddr=params["ddr"]))
 
 
 #: Block kind -> how to build its simulation top from the request's parameters (``engine``:
@@ -85,7 +85,7 @@ def block_job(request: BlockRequest, phase: StreamPhase, block: "wiring.Componen
         block = block.block
     ddr = request.params.get("ddr")
     reads, tiles = _commands(block, phase) if "cmd" in phase.inputs else ((), ())
-    if isinstance(block, WeightFedTlmm):
+    if isinstance(block, (WeightFedTlmm, TlmmEngine)):
         s = phase.scalars
         cfg = block.cfg
         k_blocks, n_groups = s["k_blocks"], s["n_groups"]
@@ -94,9 +94,11 @@ def block_job(request: BlockRequest, phase: StreamPhase, block: "wiring.Componen
         if acts % per_row:
             raise ValueError(f"phase {phase.name!r}: {acts} activation beats are not whole "
                              f"rows of {per_row}")
-        return WeightFedJob(rows=acts // per_row, k=k_blocks * cfg.block_k,
-                            n=n_groups * cfg.columns_per_cycle, reads=reads, tiles=tiles,
-                            ddr=ddr)
+        shape = dict(rows=acts // per_row, k=k_blocks * cfg.block_k,
+                     n=n_groups * cfg.columns_per_cycle)
+        if isinstance(block, TlmmEngine):
+            return TlmmJob(**shape)
+        return WeightFedJob(**shape, reads=reads, tiles=tiles, ddr=ddr)
     if isinstance(block, BitLinear):
         s = phase.scalars
         k, lanes = s["k"], block.cfg.columns_per_cycle

@@ -28,6 +28,7 @@ Fast tier: the parameter refusals. amaranth.sim: the grant rule under random ``a
 """
 
 import random
+from dataclasses import replace
 
 import pytest
 from amaranth.hdl import Module
@@ -36,7 +37,7 @@ from amaranth.lib.wiring import In, Out
 from amaranth.sim import Simulator
 
 from trilut.config import DdrSimConfig
-from trilut.hdl.memory.axi import PAGE_BYTES, AxiReadMaster, AxiReadSignature
+from trilut.hdl.memory.axi import PAGE_BYTES, AxiReadMaster, AxiReadSignature, ReadJob
 from trilut.hdl.memory.axi_arbiter import AxiReadArbiter, AxiReadArbiterJob
 from trilut.sim.ddr_model import DdrHarness, DdrModel
 from trilut.sim.runner import run_case
@@ -160,8 +161,7 @@ def _runs(ports: AxiReadPorts, ddr: DdrSimConfig, rng):
         job = ports.job(alone[i], ddr, n - 1)
         schedule = ports.arbiter.schedule(job)
         master_cycles = ports.masters[i].expected_cycles(
-            alone[i][i], latency=L + 1, beats_per_window=ddr.beats_per_window,
-            window=ddr.window)
+            ReadJob(alone[i][i], replace(ddr, latency=L + 1)))
         # One active port: the master's own model, with the AR register's cycle added.
         assert schedule.cycles == master_cycles
         free.append(_phase(ports, image, f"port{i}-alone", alone[i], seed=20 + i,
@@ -192,7 +192,7 @@ def test_arbiter_on_verilator(ports, config, tmp_path):
                          max_outstanding=CONFIGS[config]["max_outstanding"])
     harness = DdrHarness(block, DdrModel(
         depth=DEPTH, data_width=8 * WORD, addr_width=ADDR_WIDTH, id_width=block.arbiter.id_width,
-        latency=ddr.latency, beats_per_window=ddr.beats_per_window, window=ddr.window))
+        ddr=ddr))
     stalled, free, schedules, image = _runs(block, ddr, random.Random(ports * 100 + len(config)))
     name = f"axi_read_arbiter{ports}"
 
@@ -392,7 +392,7 @@ def test_one_active_port_schedule_is_the_masters_model_one_cycle_later():
                                 DdrSimConfig(latency=latency, beats_per_window=b, window=w),
                                 last_grant=rng.randrange(3))
         assert arbiter.expected_cycles(job) == masters[port].expected_cycles(
-            commands, latency=latency + 1, beats_per_window=b, window=w)
+            ReadJob(commands, DdrSimConfig(latency=latency + 1, beats_per_window=b, window=w)))
 
 
 @pytest.mark.synth

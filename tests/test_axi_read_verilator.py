@@ -25,7 +25,8 @@ import random
 import pytest
 from amaranth.sim import Simulator
 
-from trilut.hdl.memory.axi import AxiReadMaster, PAGE_BYTES, split_bursts
+from trilut.config import AXI_ADDR_WIDTH, DdrSimConfig
+from trilut.hdl.memory.axi import AxiReadMaster, PAGE_BYTES, ReadJob, split_bursts
 from trilut.sim.ddr_model import DdrModel, DdrReadHarness
 from trilut.sim.transport import run_stream_on
 from trilut.transport import StreamPhase, StreamRun
@@ -50,6 +51,14 @@ CONFIGS = {
     "3of4-rate-16-beat-bursts": dict(latency=24, beats_per_window=3, window=4, max_burst=16,
                                      max_outstanding=4, buffer_depth=64, ar_queue_depth=4),
 }
+
+
+def read_harness(*, depth: int, data_width: int, latency: int, beats_per_window: int = 1,
+                 window: int = 1, **master) -> DdrReadHarness:
+    """A ``DdrReadHarness`` with the DDR's timing as a board's ``[ddr_sim]`` gives it."""
+    ddr = DdrSimConfig(latency=latency, beats_per_window=beats_per_window, window=window)
+    return DdrReadHarness(depth=depth, data_width=data_width, addr_width=AXI_ADDR_WIDTH,
+                          ddr=ddr, **master)
 
 
 class Aliased:
@@ -104,11 +113,11 @@ def axi_read_run(harness: DdrReadHarness, seed: int = 7) -> tuple[StreamRun, lis
     specs = _phases(rng)
     for spec in specs:
         spec["image"] = image
-    timing = dict(latency=ddr.latency, beats_per_window=ddr.beats_per_window, window=ddr.window)
     phases = []
     for number, spec in enumerate(specs):
         commands = spec["commands"]
-        exact = "stall" not in spec and master.hides_latency(commands, **timing)
+        job = ReadJob(commands, ddr.ddr)
+        exact = "stall" not in spec and master.hides_latency(job)
         phases.append(StreamPhase(
             name=spec["name"], stall=spec.get("stall", 0.0),
             stream_stalls=spec.get("stream_stalls", {}), seed=10 * number + 1,
@@ -116,7 +125,7 @@ def axi_read_run(harness: DdrReadHarness, seed: int = 7) -> tuple[StreamRun, lis
             expected={"data": master.model(Aliased(image), commands),
                       "ar_monitor": _ar_beats(master, commands)},
             # Exact when the bursts in flight cover the latency; else a lower bound only.
-            expected_cycles=master.expected_cycles(commands, **timing) if exact else None,
+            expected_cycles=master.expected_cycles(job) if exact else None,
             # Long enough for a duplicated beat or a stray burst to surface, then idle.
             settle_cycles=3 * ddr.latency + 20, flags={"idle": 1}))
     run = StreamRun(phases=phases, memory=dict(enumerate(image)),
@@ -126,7 +135,7 @@ def axi_read_run(harness: DdrReadHarness, seed: int = 7) -> tuple[StreamRun, lis
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_axi_read_master_against_ddr_model_on_verilator(name, tmp_path):
-    harness = DdrReadHarness(depth=DEPTH, data_width=8 * WORD, **CONFIGS[name])
+    harness = read_harness(depth=DEPTH, data_width=8 * WORD, **CONFIGS[name])
     master, ddr = harness.master, harness.ddr
     run, specs = axi_read_run(harness)
     # The testbench checks every word and every AR beat bit for bit, in order, the silence
@@ -134,7 +143,6 @@ def test_axi_read_master_against_ddr_model_on_verilator(name, tmp_path):
     # and the stall-free cycles of the phases whose ``expected_cycles`` it was given.
     results = run_stream_on(harness, run, name="axi_read_harness", run_dir=tmp_path)
     rate = ddr.beats_per_cycle
-    timing = dict(latency=ddr.latency, beats_per_window=ddr.beats_per_window, window=ddr.window)
     for spec, phase, seen in zip(specs, run.phases, results, strict=True):
         commands = spec["commands"]
         assert seen.outputs["data"] == master.model(Aliased(spec["image"]), commands), \
@@ -146,11 +154,12 @@ def test_axi_read_master_against_ddr_model_on_verilator(name, tmp_path):
         for addr, beats in bursts:
             assert 1 <= beats <= min(256, master.max_burst)
             assert addr // PAGE_BYTES == (addr + beats * WORD - 1) // PAGE_BYTES, hex(addr)
-        expected = master.expected_cycles(commands, **timing)
+        job = ReadJob(commands, ddr.ddr)
+        expected = master.expected_cycles(job)
         if not phase.stalls and phase.name.startswith("long"):
             # No backpressure, and the bursts in flight cover the latency: the memory's
             # bandwidth is the only limit, and the performance model is cycle-exact.
-            assert master.hides_latency(commands, **timing)
+            assert master.hides_latency(job)
             data = seen.handshakes["data"]
             measured = (len(data) - 1) / (data[-1] - data[0])
             print(f"{name} {phase.name}: {len(data)} words, {seen.cycles} cycles "
@@ -223,9 +232,9 @@ def _simulate_harness(harness, image, commands, *, seed, p_cmd=0.7, p_ready=0.6,
 @pytest.mark.parametrize("data_width, max_burst", [(128, 16), (256, 256), (64, 64)])
 def test_small_harness_under_random_stalls_amaranth_sim(data_width, max_burst):
     # 256-bit words: a 4 KiB page is 128 beats, so the page rule, not max_burst, cuts bursts.
-    harness = DdrReadHarness(depth=512, data_width=data_width, latency=6, beats_per_window=3,
-                             window=4, max_burst=max_burst, max_outstanding=3,
-                             buffer_depth=max(24, max_burst + 8))
+    harness = read_harness(depth=512, data_width=data_width, latency=6, beats_per_window=3,
+                           window=4, max_burst=max_burst, max_outstanding=3,
+                           buffer_depth=max(24, max_burst + 8))
     rng = random.Random(3)
     word = data_width // 8
     image = [rng.getrandbits(data_width) for _ in range(512)]
@@ -253,24 +262,25 @@ def test_expected_cycles_exact_when_latency_hidden_amaranth_sim():
                                           + rng.choice([-1, 0, 0, 1])),
                       buffer_depth=max_burst + math.ceil(b * (latency + 4) / w)
                       + rng.choice([-2, 0, 0, 3]))
-        harness = DdrReadHarness(depth=256, data_width=8 * WORD, **config)
+        harness = read_harness(depth=256, data_width=8 * WORD, **config)
         commands = [(rng.randrange(1000) * WORD, rng.randint(1, 100))
                     for _ in range(rng.randint(1, 3))]
         image = [rng.getrandbits(128) for _ in range(256)]
         got, expected, _, flags = _simulate_harness(harness, image, commands, seed=0,
                                                     p_cmd=1.0, p_ready=1.0)
         assert got == expected
-        timing = dict(latency=config["latency"], beats_per_window=b, window=w)
-        bound = harness.master.expected_cycles(commands, **timing)
+        job = ReadJob(commands, harness.ddr.ddr)
+        bound = harness.master.expected_cycles(job)
         assert flags["cycles"] >= bound, config
-        if harness.master.hides_latency(commands, **timing):
+        if harness.master.hides_latency(job):
             hidden += 1
             assert flags["cycles"] == bound, config
     assert hidden >= 4
 
 
 def test_ddr_model_latency_id_echo_and_rule_flags_amaranth_sim():
-    ddr = DdrModel(depth=256, id_width=3, latency=5)
+    ddr = DdrModel(depth=256, data_width=128, addr_width=AXI_ADDR_WIDTH, id_width=3,
+                   ddr=DdrSimConfig(latency=5))
     image = list(range(1000, 1256))
     log = []
 
@@ -354,9 +364,11 @@ def test_beat_cycles_match_the_token_bucket():
      "buffer_depth must be"),
     (lambda: AxiReadMaster(data_width=128, max_outstanding=4, addr_width=8),
      "addr_width must be"),
-    (lambda: DdrModel(depth=1000), "depth must be a power of two"),
-    (lambda: DdrModel(depth=64, latency=1), "latency must be"),
-    (lambda: DdrModel(depth=64, beats_per_window=3, window=2), "beats_per_window must be"),
+    (lambda: DdrModel(depth=1000, data_width=128, addr_width=40, ddr=DdrSimConfig()),
+     "depth must be a power of two"),
+    # The DDR's timing is the board's [ddr_sim], refused there.
+    (lambda: DdrSimConfig(latency=1), "latency must be"),
+    (lambda: DdrSimConfig(beats_per_window=3, window=2), "beats_per_window must be"),
 ])
 def test_bad_parameters_are_refused(make, message):
     with pytest.raises(ValueError, match=message):

@@ -17,6 +17,7 @@ import random
 
 import pytest
 
+from trilut.config import DdrSimConfig
 from trilut.hdl.memory.axi import PAGE_BYTES
 from trilut.hdl.memory.axi_write import AxiWriteMaster, WriteJob
 from trilut.sim.ddr_model import DdrHarness, DdrModel
@@ -53,8 +54,9 @@ def _build(config: dict):
     cfg = dict(config)
     master = AxiWriteMaster(data_width=128, addr_width=40, max_outstanding=cfg["max_outstanding"],
                             max_burst=cfg.get("max_burst", 256))
-    ddr = DdrModel(depth=DEPTH, data_width=128, addr_width=40, latency=8, write=True,
-                   beats_per_window=cfg["beats_per_window"], window=cfg["window"],
+    ddr = DdrModel(depth=DEPTH, data_width=128, addr_width=40, write=True,
+                   ddr=DdrSimConfig(latency=8, beats_per_window=cfg["beats_per_window"],
+                                    window=cfg["window"]),
                    b_latency=cfg["b_latency"])
     return master, DdrHarness(master, ddr)
 
@@ -139,7 +141,8 @@ def test_model_writes_in_command_order_and_refuses_mismatched_data():
     (lambda: WriteJob([], beats_per_window=1, window=1, b_latency=2), "at least one word"),
     (lambda: WriteJob([(0, 4)], beats_per_window=2, window=1, b_latency=2),
      "beats_per_window must be"),
-    (lambda: DdrModel(depth=64, write=True, b_latency=0), "b_latency must be"),
+    (lambda: DdrModel(depth=64, data_width=128, addr_width=40, ddr=DdrSimConfig(), write=True,
+                      b_latency=0), "b_latency must be"),
 ])
 def test_bad_parameters_are_refused(build, message):
     with pytest.raises(ValueError, match=message):

@@ -186,8 +186,8 @@ def test_a_board_without_datapath_tables_gets_the_defaults(tmp_path):
      r"ddr_sim.latency must be an integer from 2 to 2147483647"),
     (DdrSimConfig, {"window": 0}, "ddr_sim.window must be a positive integer, not 0"),
     (DdrSimConfig, {"beats_per_window": 2},
-     r"ddr_sim.beats_per_window must be an integer from 1 to window \(1\): at most one beat "
-     r"per cycle, not 2"),
+     r"ddr_sim.beats_per_window must be an integer from 1 to window \(1\) \(at most one "
+     r"beat per cycle\), not 2"),
     (DdrSimConfig, {"beats_per_window": 0, "window": 4},
      r"ddr_sim.beats_per_window must be an integer from 1 to window \(4\).* not 0"),
 ])

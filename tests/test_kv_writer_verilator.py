@@ -13,6 +13,7 @@ phases assert ``expected_cycles`` exactly; the same phases run again under rando
 import numpy as np
 import pytest
 
+from trilut.config import DdrSimConfig
 from trilut.hdl.attention.kv_writer import KvCacheWriter, KvWriteJob
 from trilut.models.kv_cache import KvLayout
 from trilut.sim.ddr_model import DdrHarness, DdrModel
@@ -33,8 +34,8 @@ def _setup(name):
     layout = KvLayout(layers=2, kv_heads=3, max_context=16, head_dim=d)
     writer = KvCacheWriter(layout, lanes=lanes, word_bits=word_bits, addr_width=40,
                            max_outstanding=4)
-    ddr = DdrModel(depth=DEPTH, data_width=word_bits, addr_width=40, latency=8, write=True,
-                   beats_per_window=b, window=w, b_latency=b_lat)
+    ddr = DdrModel(depth=DEPTH, data_width=word_bits, addr_width=40, write=True,
+                   ddr=DdrSimConfig(latency=8, beats_per_window=b, window=w), b_latency=b_lat)
     return layout, writer, DdrHarness(writer, ddr), (b, w, b_lat)
 
 
@@ -97,7 +98,7 @@ def test_layout_addresses_and_refusals():
     assert np.array_equal(lay.words_to_rows(lay.rows_to_words(rows, 128), 128), rows)
     with pytest.raises(ValueError, match="lanes \\(48\\) must divide"):
         KvCacheWriter(lay, lanes=48, word_bits=128, addr_width=40, max_outstanding=4)
-    with pytest.raises(ValueError, match="heads must be from 1 to 3"):
+    with pytest.raises(ValueError, match=r"heads must be an integer from 1 to kv_heads \(3\)"):
         KvWriteJob(lay, base=0, position=0, positions=1, heads=4, beats_per_window=1,
                    window=1, b_latency=2)
     with pytest.raises(ValueError, match="exceed the context"):

@@ -28,7 +28,7 @@ from amaranth.sim import Simulator
 
 from trilut.config import EngineConfig
 from trilut.hdl.elementwise.activation import GatedActivation
-from trilut.hdl.elementwise.dequant import DequantScale, Dequantizer
+from trilut.hdl.elementwise.dequant import DequantJob, DequantScale, Dequantizer
 from trilut.hdl.elementwise.lanes import lane_signature
 from trilut.hdl.elementwise.residual import ResidualAdd
 from trilut.hdl.linear.tlmm_engine import TlmmEngine
@@ -176,7 +176,7 @@ def _dequantizer_cases(dut: Dequantizer):
         return _case(name, {"acc": _beats(acc, aw), "absmax": absmax},
                      _beats(dut.model(acc, absmax, w_code), 16),
                      ports={"weight_scale": w_code, "n_groups": groups},
-                     cycles=dut.expected_cycles(rows, groups), **kw)
+                     cycles=dut.expected_cycles(DequantJob(rows, groups)), **kw)
 
     def spread_acc(rows, groups):
         """Random accumulators with magnitudes spread over every binade, and the extremes."""
@@ -338,9 +338,9 @@ def test_dequantizer_bit_exact_on_verilator(tmp_path):
     absmax_in = first.handshakes["absmax"]
     assert absmax_in[0] == 0                # the absmax is taken first: cycles count from it
     assert acc_in[0] - absmax_in[0] == dut.scale_latency
-    assert first.cycles == out[-1] - absmax_in[0] + 1 == dut.expected_cycles(rows, groups)
+    assert first.cycles == out[-1] - absmax_in[0] + 1 == dut.expected_cycles(DequantJob(rows, groups))
     short = next(r for r in seen if r.name == "short-rows-no-stall")
-    assert short.cycles == dut.expected_cycles(10, 3)
+    assert short.cycles == dut.expected_cycles(DequantJob(10, 3))
     # Every stall-free case, short rows and one-row cases too, takes exactly expected_cycles.
     assert sum(c.cycles is not None for c in cases) == 4
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from trilut.config import DdrSimConfig, EngineConfig
-from trilut.hdl.memory.axi import AxiReadMaster
+from trilut.hdl.memory.axi import AxiReadMaster, ReadJob
 from trilut.host.layer_runs import layer_from_ddr_job, run_job, with_expected_cycles
 from trilut.host.weight_image import compile_weight_image
 from trilut.models import numerics as nm
@@ -92,9 +92,7 @@ def test_layer_from_ddr_cycles_exact(model_and_image, case, tmp_path):
     # The case covers what it says: the AXI master's latency hidden, or not.
     dp = job.request.params["datapath"]
     master = AxiReadMaster(data_width=dp.ddr_word_bits, max_outstanding=dp.max_outstanding)
-    assert master.hides_latency(block_job(job.request, phase).reads, latency=ddr.latency,
-                                beats_per_window=ddr.beats_per_window,
-                                window=ddr.window) == hidden
+    assert master.hides_latency(ReadJob(block_job(job.request, phase).reads, ddr)) == hidden
     job = with_expected_cycles(job, [expected])
     (got,), (result,) = run_job(SimulationTransport(tmp_path), job)
     np.testing.assert_array_equal(got, job.expected[0])

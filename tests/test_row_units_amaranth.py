@@ -14,9 +14,9 @@ from amaranth.lib import wiring
 from amaranth.sim import Simulator
 
 from trilut.config import EngineConfig
-from trilut.hdl.elementwise.act_quant import ActQuantizer, quant_reciprocal_table
+from trilut.hdl.elementwise.act_quant import ActQuantizer, ActQuantJob, quant_reciprocal_table
 from trilut.hdl.elementwise.fp32_add import Fp32AddNonNegative
-from trilut.hdl.elementwise.rmsnorm import RmsNorm
+from trilut.hdl.elementwise.rmsnorm import RmsNorm, RmsNormJob
 from trilut.models.numerics import lane_beats, unpack_lane_beats
 from trilut.hdl.linear.tlmm_engine import TlmmEngine
 from trilut.models import fp16 as fp
@@ -115,7 +115,7 @@ def test_rmsnorm_cycles_without_stalls():
         weights = fp.fp16_from_float(rng.normal(1.0, 0.2, (count, n)))
         got, cycles = _rms_case(dut, rows, weights, seed=0, stall=0.0)
         np.testing.assert_array_equal(got, dut.model(rows, weights))
-        assert cycles == dut.expected_cycles(n, count), (n, count)
+        assert cycles == dut.expected_cycles(RmsNormJob(n, count)), (n, count)
 
 
 QUANT_CONFIGS = {
@@ -135,7 +135,7 @@ def _quant_case(dut, rows, n_out, *, seed, stall):
     got, cycles = run_streams(
         dut, {"x": lane_beats(rows, dut.lanes)},
         {"acts": len(beats), "absmax": rows_n},
-        {"n": n, "tiles": dut.tiles_for(n_out)}, seed=seed, p_valid=1 - stall,
+        {"n": n, "tiles": dut.cfg.output_tiles(n_out)}, seed=seed, p_valid=1 - stall,
         p_ready=1 - stall)
     return got, beats, absmax, cycles
 
@@ -163,7 +163,7 @@ def test_quantizer_cycles_without_stalls(name):
         rows = activation_rows(rng, count, n)
         got, beats, _, cycles = _quant_case(dut, rows, n_out, seed=0, stall=0.0)
         assert got["acts"] == beats
-        assert cycles == dut.expected_cycles(n, count, dut.tiles_for(n_out)), (n, count)
+        assert cycles == dut.expected_cycles(ActQuantJob(n, count, dut.cfg.output_tiles(n_out))), (n, count)
 
 
 def test_fp32_adder_against_the_model():
@@ -249,7 +249,7 @@ def test_quantizer_feeds_the_tlmm_engine():
     got, _ = run_streams(
         top, {"x": lane_beats(x, 4), "weights": weight_beats},
         {"results": rows * cfg.padded_n(n_out) // C, "absmax": rows},
-        {"n": k, "tiles": top.quant.tiles_for(n_out),
+        {"n": k, "tiles": top.quant.cfg.output_tiles(n_out),
          "k_blocks": cfg.padded_k(k) // cfg.block_k, "n_groups": cfg.padded_n(n_out) // C},
         seed=4, p_valid=0.7, p_ready=0.7)
     results = nm.tlmm_unpack_results(got["results"], rows, n_out, C, cfg.acc_width)

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from trilut.config import EngineConfig
-from trilut.hdl.elementwise.act_quant import ActQuantizer
-from trilut.hdl.elementwise.rmsnorm import RmsNorm
+from trilut.hdl.elementwise.act_quant import ActQuantizer, ActQuantJob
+from trilut.hdl.elementwise.rmsnorm import RmsNorm, RmsNormJob
 from trilut.models.numerics import lane_beats, unpack_lane_beats
 from trilut.models import fp16 as fp
 from trilut.sim.transport import run_stream_on
@@ -106,7 +106,7 @@ def test_rmsnorm_bit_exact_on_verilator(name, tmp_path):
         c, scalars={"n": c.rows.shape[1]},
         inputs={"x": lane_beats(c.rows, unit.lanes), "weight": lane_beats(c.weights, unit.lanes)},
         expected={"y": lane_beats(unit.model(c.rows, c.weights), unit.lanes)},
-        expected_cycles=unit.expected_cycles(c.rows.shape[1], c.rows.shape[0]),
+        expected_cycles=unit.expected_cycles(RmsNormJob(c.rows.shape[1], c.rows.shape[0])),
     ) for c in cases]
     # The testbench checks every beat bit for bit (padding lanes too), the silence after the
     # last case and the stall-free cycles against ``expected_cycles``.
@@ -115,7 +115,7 @@ def test_rmsnorm_bit_exact_on_verilator(name, tmp_path):
         rows_n, n = c.rows.shape
         got = unpack_lane_beats(seen.outputs["y"], rows_n, n, unit.lanes)
         np.testing.assert_array_equal(got, unit.model(c.rows, c.weights), err_msg=c.name)
-        expected = unit.expected_cycles(n, rows_n)
+        expected = unit.expected_cycles(RmsNormJob(n, rows_n))
         if c.stall == 0.0:
             print(f"{name} {c.name}: {seen.cycles} cycles, expected_cycles {expected}")
             assert phase.expected_cycles == expected
@@ -148,20 +148,22 @@ def test_quantizer_bit_exact_on_verilator(name, tmp_path):
     phases = []
     for c in cases:
         beats, absmax = unit.model(c.rows, c.n_out)
-        tiles = unit.tiles_for(c.n_out)
+        tiles = unit.cfg.output_tiles(c.n_out)
         phases.append(_phase(
             c, scalars={"n": c.rows.shape[1], "tiles": tiles},
             inputs={"x": lane_beats(c.rows, lanes)},
             expected={"acts": beats, "absmax": absmax.tolist()},
-            expected_cycles=unit.expected_cycles(c.rows.shape[1], c.rows.shape[0], tiles)))
+            expected_cycles=unit.expected_cycles(ActQuantJob(c.rows.shape[1], c.rows.shape[0],
+                                                             tiles))))
     report = _run(unit, f"act_quantizer_{name.lower().replace('-', '_')}", phases, tmp_path)
     for c, phase, seen in zip(cases, phases, report, strict=True):
         beats, absmax = unit.model(c.rows, c.n_out)
         assert seen.outputs["acts"] == beats, c.name
         assert seen.outputs["absmax"] == absmax.tolist(), c.name
-        cycles = unit.expected_cycles(c.rows.shape[1], c.rows.shape[0], unit.tiles_for(c.n_out))
+        cycles = unit.expected_cycles(ActQuantJob(c.rows.shape[1], c.rows.shape[0],
+                                                  unit.cfg.output_tiles(c.n_out)))
         if c.stall == 0.0:
-            print(f"{name} {c.name} tiles={unit.tiles_for(c.n_out)}: {seen.cycles} cycles, "
+            print(f"{name} {c.name} tiles={unit.cfg.output_tiles(c.n_out)}: {seen.cycles} cycles, "
                   f"expected_cycles {cycles}")
             assert phase.expected_cycles == cycles
             assert seen.cycles == cycles, c.name

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from trilut.config import EngineConfig
-from trilut.hdl.linear.tlmm_engine import TlmmEngine
+from trilut.hdl.linear.tlmm_engine import TlmmEngine, TlmmJob
 from trilut.host.layer_runs import TlmmCase, run_job, tlmm_job, with_expected_cycles
 from trilut.models import numerics as nm
 from trilut.sim.transport import SimulationTransport
@@ -21,8 +21,8 @@ pytestmark = pytest.mark.rtl
 def run_tlmm_cases(cfg, cases, run_dir):
     """Every case a phase of one run; stall-free phases assert the engine's exact cycles."""
     engine = TlmmEngine(cfg)
-    cycles = [None if c.stall else engine.expected_cycles(*c.acts.shape, c.weights.shape[0])
-              for c in cases]
+    cycles = [None if c.stall else engine.expected_cycles(
+        TlmmJob(rows=c.acts.shape[0], k=c.acts.shape[1], n=c.weights.shape[0])) for c in cases]
     job = with_expected_cycles(tlmm_job(cfg, cases), cycles)
     results, phases = run_job(SimulationTransport(run_dir), job)
     return engine, job, results, phases, cycles

@@ -20,7 +20,7 @@ from amaranth.lib import wiring
 
 from trilut.config import EngineConfig
 from trilut.hdl.linear.tlmm_engine import TlmmEngine
-from trilut.hdl.memory.weight_buffer import WeightBuffer
+from trilut.hdl.memory.weight_buffer import WeightBuffer, WeightBufferJob
 from trilut.sim.transport import run_stream_on
 from trilut.transport import StreamPhase, StreamRun
 
@@ -99,7 +99,7 @@ def weight_buffer_run(buffer: WeightBuffer, cases: list[Case]) -> StreamRun:
                 "fill": c.words},
         expected={"beats": buffer.model(c.words, c.tiles)},
         # The performance model is cycle-exact without stalls.
-        expected_cycles=None if c.stalls else buffer.expected_cycles(c.tiles),
+        expected_cycles=None if c.stalls else buffer.expected_cycles(WeightBufferJob(c.tiles)),
         settle_cycles=16,
     ) for c in cases])
 
@@ -116,7 +116,7 @@ def test_weight_buffer_on_verilator(name, tmp_path):
         got = result.outputs["beats"]
         assert got == buffer.model(case.words, case.tiles), case.name
         assert len(got) == sum(length * replays for length, replays in case.tiles)
-        expected = buffer.expected_cycles(case.tiles)
+        expected = buffer.expected_cycles(WeightBufferJob(case.tiles))
         if case.stalls:
             assert phase.stalls and phase.expected_cycles is None
             assert result.cycles >= expected, case.name

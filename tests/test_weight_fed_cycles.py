@@ -12,8 +12,8 @@ from trilut.config import DatapathConfig, DdrSimConfig, EngineConfig
 from trilut.hdl.decoder.ffn_block import FfnBlock, FfnJob
 from trilut.hdl.linear.bitlinear import BitLinear, BitLinearJob
 from trilut.hdl.linear.weight_fed_tlmm import WeightFedJob, WeightFedTlmm
-from trilut.hdl.memory.axi import AxiReadMaster
-from trilut.hdl.memory.weight_buffer import WeightBuffer
+from trilut.hdl.memory.axi import AxiReadMaster, ReadJob
+from trilut.hdl.memory.weight_buffer import WeightBuffer, WeightBufferJob
 
 pytestmark = pytest.mark.fast
 
@@ -40,9 +40,9 @@ def test_weight_fed_job_is_timed():
 
 
 @pytest.mark.parametrize("changes,message", [
-    (dict(rows=0), "rows must be an integer of at least 1, not 0"),
+    (dict(rows=0), "rows must be a positive integer, not 0"),
     (dict(k=2000), "max_k"),
-    (dict(n=0), "n must be an integer of at least 1, not 0"),
+    (dict(n=0), "n must be a positive integer, not 0"),
     (dict(ddr=None), "ddr must be a DdrSimConfig, not None"),
     (dict(tiles=((513, 1),)), r"tile length must be an integer in 1..512 \(tile_beats\), not 513"),
     (dict(tiles=((256, 0),)), r"tile replays must be an integer in 1..65535"),
@@ -81,16 +81,17 @@ def test_axi_event_model_is_the_closed_form_when_latency_is_hidden():
         commands = [(rng.randrange(0, 1 << 16) * 8, rng.randint(1, 300))
                     for _ in range(rng.randint(1, 5))]
         window = rng.randint(1, 5)
-        timing = dict(latency=rng.randint(2, 200), beats_per_window=rng.randint(1, window),
-                      window=window)
+        ddr = DdrSimConfig(latency=rng.randint(2, 200), beats_per_window=rng.randint(1, window),
+                           window=window)
         total = sum(n for _, n in commands)
-        closed = 0 if total == 0 else 4 + timing["latency"] + AxiReadMaster.beat_cycles(
-            total, beats_per_window=timing["beats_per_window"], window=window)
-        cycles = master.expected_cycles(commands, **timing)
-        if master.hides_latency(commands, **timing):
-            assert cycles == closed, (commands, timing)
+        closed = 0 if total == 0 else 4 + ddr.latency + AxiReadMaster.beat_cycles(
+            total, beats_per_window=ddr.beats_per_window, window=window)
+        job = ReadJob(commands, ddr)
+        cycles = master.expected_cycles(job)
+        if master.hides_latency(job):
+            assert cycles == closed, (commands, ddr)
         else:
-            assert cycles >= closed, (commands, timing)
+            assert cycles >= closed, (commands, ddr)
 
 
 def test_weight_buffer_event_model_is_the_closed_form():
@@ -109,7 +110,7 @@ def test_weight_buffer_event_model_is_the_closed_form():
                 for _ in range(timing.beats(i)):
                     last = timing.beat_offered()
                     timing.beat_taken(last)
-            assert last + 1 == buffer.expected_cycles(tiles), tiles
+            assert last + 1 == buffer.expected_cycles(WeightBufferJob(tiles)), tiles
 
 
 def test_bitlinear_and_ffn_models_time_the_measured_jobs():
@@ -138,7 +139,7 @@ def ffn_job(rows=1, **changes) -> FfnJob:
     (lambda: BitLinearJob(**{**vars(q_proj_job()), "k": 512}),
      r"k = 512 exceeds this BitLinear's max_k \(256\)"),
     (lambda: BitLinearJob(**{**vars(q_proj_job()), "rows": 0}),
-     "rows must be an integer of at least 1, not 0"),
+     "rows must be a positive integer, not 0"),
     (lambda: q_proj_job(), "job must be a BitLinearJob"),
     (lambda: BitLinearJob(**{**vars(q_proj_job()), "tiles": ((256, 1),) * 5}),
      "the reads carry 2816 DDR words; the tiles load 2560"),
@@ -151,7 +152,7 @@ def test_bitlinear_model_refuses_bad_jobs(make, message):
 
 @pytest.mark.parametrize("make,message", [
     (lambda: ffn_job(rows=3), "the cycle model times at most 2 rows, not 3"),
-    (lambda: ffn_job(rows=0), "rows must be an integer of at least 1, not 0"),
+    (lambda: ffn_job(rows=0), "rows must be a positive integer, not 0"),
     (lambda: ffn_job(tiles=ffn_job().tiles[:-1], reads=ffn_job().reads[:-1]),
      "the tiles stream 10368 weight beats; the engine takes 10496"),
     (lambda: q_proj_job(), "job must be an FfnJob"),

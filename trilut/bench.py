@@ -83,7 +83,7 @@ def run_tlmm_benchmark(*, quick: bool = False, resources: bool = True,
             }
             if resources:
                 from trilut.hdl import resources as res
-                from trilut.hdl.linear.tlmm_engine import TlmmEngine
+                from trilut.hdl.linear.tlmm_engine import TlmmEngine, TlmmJob
                 status.update(f"[{i}/{len(points)}] {point.name}: yosys resource estimate")
                 report = res.estimate(TlmmEngine(e), name="tlmm_engine")
                 row.update({key: report.total.get(key) for key in
@@ -146,7 +146,7 @@ def run_ddr_linear_benchmark(*, quick: bool = False, console: Console | None = N
                 job = layer_from_ddr_job(image, layer, acts, ddr=ddr, tile_beats=tile_beats)
                 (got,), (phase,) = run_job(SimulationTransport(), job)
                 n, k = image.layer_values(layer).shape
-                engine_cycles = TlmmEngine(engine).expected_cycles(1, k, n)
+                engine_cycles = TlmmEngine(engine).expected_cycles(TlmmJob(rows=1, k=k, n=n))
                 feed = job.weight_words / ddr.words_per_cycle
                 bound = max(engine_cycles, feed)
                 rows.append({"config": name, "layer": layer, "shape": [n, k],

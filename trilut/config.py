@@ -14,11 +14,25 @@ import tomllib
 from dataclasses import MISSING, dataclass, field, fields, replace
 
 from trilut.models import numerics
+from trilut.models.checks import (int_in_range, one_of, positive_int, positive_number,
+                                 power_of_two)
 
 __all__ = ["BoardResources", "BoardConfig", "EngineConfig", "DatapathConfig", "DdrSimConfig",
            "DesignConfig", "load_board", "design_for_board", "weight_buffer_blocks",
            "weight_buffer_depth", "uram_columns", "uram_cascade", "URAM_WIDTH", "URAM_DEPTH",
-           "BRAM36_SHAPES", "ACTIVATIONS"]
+           "BRAM36_SHAPES", "ACTIVATIONS", "AXI_ADDR_WIDTH", "MAX_REPLAYS", "LUTRAM_MAX_DEPTH",
+           "memory_blocks", "no_memory", "sum_memory"]
+
+#: Byte-address width of the AXI masters and of the read command the host encodes (its length
+#: sits above it): the Zynq UltraScale+ physical address map, 40 bits (the KV260's upper 2 GB
+#: window at ``0x8_0000_0000`` needs 36; ``hdl/memory/axi.py`` says why not 32 or 49). A
+#: property of the SoC's address map rather than of a datapath build, so a constant, not a
+#: board-file key.
+AXI_ADDR_WIDTH = 40
+
+#: The weight buffer's largest replay count (``WeightBuffer.max_replays``; its ``replays``
+#: field is 16 bits) and what the host's tile commands may ask for.
+MAX_REPLAYS = 65535
 
 #: URAM288 geometry (UltraScale+): 4096 words of 72 bits.
 URAM_WIDTH = 72
@@ -31,19 +45,6 @@ BRAM36_SHAPES = ((32768, 1), (16384, 2), (8192, 4), (4096, 9), (2048, 18), (1024
 ACTIVATIONS = ("relu2", "silu")
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _positive_int(owner: str, name: str, value) -> None:
-    if not _is_int(value) or value < 1:
-        raise ValueError(f"{owner}.{name} must be a positive integer, not {value!r}")
-
-
-def _int_in_range(owner: str, name: str, value, low: int, high: int, why: str = "") -> None:
-    if not _is_int(value) or not low <= value <= high:
-        limit = f"an integer from {low} to {high}" + (f" ({why})" if why else "")
-        raise ValueError(f"{owner}.{name} must be {limit}, not {value!r}")
 
 
 # ---- the weight buffer's block memories: one count for the config and the HDL -------------
@@ -63,11 +64,42 @@ def _bram36_blocks(width_bits: int, depth: int) -> int:
     return min(math.ceil(width_bits / width) * math.ceil(depth / d) for d, width in BRAM36_SHAPES)
 
 
+#: Deepest memory yosys (``synth_xilinx -family xcup``) keeps in LUTs (distributed RAM): a
+#: 64-deep one maps to LUTRAM and a 255-deep one to RAMB36 (measured; docs/resources.md).
+LUTRAM_MAX_DEPTH = 64
+
+
+def no_memory() -> dict[str, float]:
+    """The ``memory_blocks()`` of a block with no block memory (registers and LUTs only)."""
+    return {"bram36": 0, "uram": 0}
+
+
+def sum_memory(*blocks: dict[str, float]) -> dict[str, float]:
+    """The ``memory_blocks()`` of a parent: the sum of its children's."""
+    return {key: sum(b[key] for b in blocks) for key in ("bram36", "uram")}
+
+
+def memory_blocks(width_bits: int, depth: int, *, count: int = 1) -> dict[str, float]:
+    """Block memories of ``count`` memories of ``depth`` x ``width_bits`` (a block's buffer,
+    FIFO or ROM, no URAM), as yosys maps them: none up to :data:`LUTRAM_MAX_DEPTH` words (LUT
+    RAM), else half a BRAM36 where one RAMB18E2 holds it, else the cheapest RAMB36E2 aspect
+    ratio. Yosys can do a little better by mixing
+    aspect ratios in one memory: the kv260 row buffer (1080 x 256 bits) is 12 here and 11 in
+    its report (docs/row_units.md). For memories with a synchronous read port: a ROM read
+    combinationally is always LUTs."""
+    if depth <= LUTRAM_MAX_DEPTH:
+        return no_memory()
+    # RAMB18E2: each RAMB36 shape at half the depth, up to 512 x 36 (no 72-bit mode).
+    if any(width_bits <= w and depth <= d // 2 for d, w in BRAM36_SHAPES if w <= 36):
+        return {"bram36": 0.5 * count, "uram": 0}
+    return {"bram36": count * _bram36_blocks(width_bits, depth), "uram": 0}
+
+
 def weight_buffer_depth(tile_beats: int, *, one_memory: bool = False) -> int:
     """Words per weight-buffer memory: ``tile_beats`` per bank, or with ``one_memory`` both
     banks in one memory, bank 1 from address ``2**max(1, ceil(log2(tile_beats)))`` (the bank
     is the top address bit, as in ``WeightBuffer.elaborate``)."""
-    _positive_int("weight_buffer", "tile_beats", tile_beats)
+    int_in_range("weight_buffer.tile_beats", tile_beats, 1)
     addr_width = max(1, (tile_beats - 1).bit_length())
     return (1 << addr_width) + tile_beats if one_memory else tile_beats
 
@@ -107,9 +139,7 @@ class BoardResources:
 
     def __post_init__(self):
         for f in fields(self):
-            v = getattr(self, f.name)
-            if not isinstance(v, int) or v < 0:
-                raise ValueError(f"board resource {f.name} must be a non-negative integer, not {v!r}")
+            int_in_range(f"board resource {f.name}", getattr(self, f.name), 0)
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -138,10 +168,10 @@ class EngineConfig:
     act_bits: int = numerics.ACT_BITS
 
     def __post_init__(self):
-        owner = "engine"
-        for name in ("group_size", "tables_per_step", "columns_per_cycle", "accumulator_depth",
-                     "max_k"):
-            _positive_int(owner, name, getattr(self, name))
+        for name in ("group_size", "accumulator_depth", "max_k"):
+            int_in_range(f"engine.{name}", getattr(self, name), 1)
+        for name in ("tables_per_step", "columns_per_cycle"):
+            positive_int(f"engine.{name}", getattr(self, name), at_most=256)
         if not 2 <= self.group_size <= 5:
             raise ValueError(f"engine.group_size must be 2, 3, 4 or 5, not {self.group_size!r} "
                              "(G = 1 is a plain select; G > 5 needs more than 121 table entries)")
@@ -150,11 +180,6 @@ class EngineConfig:
         if self.act_bits != numerics.ACT_BITS:
             raise ValueError(f"engine.act_bits must be {numerics.ACT_BITS} (int8 activations), "
                              f"not {self.act_bits!r}")
-        if self.tables_per_step > 256:
-            raise ValueError(f"engine.tables_per_step must be at most 256, not {self.tables_per_step}")
-        if self.columns_per_cycle > 256:
-            raise ValueError(f"engine.columns_per_cycle must be at most 256, "
-                             f"not {self.columns_per_cycle}")
 
     @property
     def code(self) -> numerics.TableCode:
@@ -201,11 +226,18 @@ class EngineConfig:
         return -(-n // self.columns_per_cycle) * self.columns_per_cycle
 
     def check_shape(self, k: int, n: int) -> None:
-        _positive_int("matmul", "k", k)
-        _positive_int("matmul", "n", n)
+        int_in_range("matmul.k", k, 1)
+        int_in_range("matmul.n", n, 1)
         if self.padded_k(k) > self.padded_k(self.max_k):
             raise ValueError(f"K = {k} exceeds the engine's max_k = {self.max_k} "
                              f"(its {self.acc_width}-bit accumulators would overflow)")
+
+    def output_tiles(self, n: int) -> int:
+        """Output tiles of ``C * D`` columns for a matmul with ``n`` output columns: how many
+        times the engine needs each activation row (``ActQuantizer``'s ``tiles`` input; the
+        host's ``numerics.tlmm_act_beats`` re-sends a row per tile)."""
+        int_in_range("n_out", n, 1)
+        return -(-(self.padded_n(n) // self.columns_per_cycle) // self.accumulator_depth)
 
     def ideal_cycles(self, m: int, k: int, n: int) -> int:
         """One weight beat per cycle: M x ceil(K / GT) x ceil(N / C)."""
@@ -242,22 +274,14 @@ class DatapathConfig:
     norm_eps: float = 1e-5
 
     def __post_init__(self):
-        owner = "datapath"
-        w = self.ddr_word_bits
-        if not _is_int(w) or not 32 <= w <= 1024 or w & (w - 1):
-            raise ValueError(f"datapath.ddr_word_bits must be a power of two from 32 to 1024 "
-                             f"(an AXI4 data width), not {w!r}")
-        _int_in_range(owner, "read_ports", self.read_ports, 1, 4)
-        _positive_int(owner, "tile_beats", self.tile_beats)
-        _int_in_range(owner, "max_outstanding", self.max_outstanding, 1, 16)
-        _positive_int(owner, "lanes", self.lanes)
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"datapath.activation must be one of {', '.join(ACTIVATIONS)}, "
-                             f"not {self.activation!r}")
-        eps = self.norm_eps
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (
-                0 < eps < math.inf):
-            raise ValueError(f"datapath.norm_eps must be a positive number, not {eps!r}")
+        power_of_two("datapath.ddr_word_bits", self.ddr_word_bits, 32, 1024,
+                     why="an AXI4 data width")
+        int_in_range("datapath.read_ports", self.read_ports, 1, 4)
+        int_in_range("datapath.tile_beats", self.tile_beats, 1)
+        int_in_range("datapath.max_outstanding", self.max_outstanding, 1, 16)
+        int_in_range("datapath.lanes", self.lanes, 1)
+        one_of("datapath.activation", self.activation, ACTIVATIONS)
+        positive_number("datapath.norm_eps", self.norm_eps)
 
     @property
     def ddr_word_bytes(self) -> int:
@@ -283,15 +307,12 @@ class DdrSimConfig:
     window: int = 1
 
     def __post_init__(self):
-        owner = "ddr_sim"
         # The model counts time in 32-bit signed registers (sim/ddr_model.py's _TIME_WIDTH).
-        _int_in_range(owner, "latency", self.latency, 2, 2 ** 31 - 1,
-                      "the model registers the read address and the data")
-        _positive_int(owner, "window", self.window)
-        b = self.beats_per_window
-        if not _is_int(b) or not 1 <= b <= self.window:
-            raise ValueError(f"ddr_sim.beats_per_window must be an integer from 1 to window "
-                             f"({self.window}): at most one beat per cycle, not {b!r}")
+        int_in_range("ddr_sim.latency", self.latency, 2, 2 ** 31 - 1,
+                     why="the model registers the read address and the data")
+        int_in_range("ddr_sim.window", self.window, 1)
+        int_in_range("ddr_sim.beats_per_window", self.beats_per_window, 1, self.window,
+                     high_name="window", why="at most one beat per cycle")
 
     @property
     def words_per_cycle(self) -> float:

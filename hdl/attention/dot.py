@@ -9,8 +9,10 @@ from amaranth.hdl import Module
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
+from trilut.config import no_memory
 from trilut.hdl.attention.fp32 import Fp16ToFp32Product, Fp32Add, enable_port
-from trilut.hdl.elementwise.lanes import lane_layout
+from trilut.hdl.elementwise.lanes import FixedLatency, lane_layout
+from trilut.models.checks import power_of_two
 from trilut.models import attention as att
 from trilut.models import fp16 as fp
 
@@ -21,12 +23,10 @@ MAX_LANES = 256
 
 
 def _check_lanes(lanes) -> None:
-    if (isinstance(lanes, bool) or not isinstance(lanes, int) or not 1 <= lanes <= MAX_LANES
-            or lanes & (lanes - 1)):
-        raise ValueError(f"lanes must be a power of two from 1 to {MAX_LANES}, not {lanes!r}")
+    power_of_two("lanes", lanes, 1, MAX_LANES)
 
 
-class Fp32DotTree(wiring.Component):
+class Fp32DotTree(FixedLatency, wiring.Component):
     """``y``: the fp32 sum of ``a[i] * b[i]`` over one beat of ``lanes`` fp16 pairs, in
     ``fp32_dot``'s order: the exact products (``Fp16ToFp32Product``) added pairwise, level by
     level (``(0+1), (2+3), ...``), each add rounded (``Fp32Add``). The attention unit adds
@@ -82,3 +82,7 @@ class Fp32DotTree(wiring.Component):
             raise ValueError(f"a and b must be [..., {self.lanes}], not {a.shape} and "
                              f"{b.shape}")
         return fp.FP32.encode(att.fp32_dot(fp.FP16.decode(a), fp.FP16.decode(b), self.lanes))
+
+    def memory_blocks(self) -> dict[str, float]:
+        """None: ``lanes`` DSP48E2 and the adders' stage registers."""
+        return no_memory()

@@ -9,11 +9,14 @@ from amaranth.lib import wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
+from trilut.config import memory_blocks
 from trilut.hdl.attention.fp32 import enable_port, load_stage
+from trilut.hdl.elementwise.lanes import FixedLatency
 from trilut.models import attention as att
 from trilut.models import fp16 as fp
 
 __all__ = ["Exp2Neg", "exp2_rom"]
+
 
 _FRACTION = att.EXP2_FRACTION_BITS                 # 10: X has 10 fraction bits
 _MANT32 = fp.FP32.mantissa_bits                    # 23
@@ -30,7 +33,7 @@ def exp2_rom() -> list[int]:
     return [int(w) for w in words]
 
 
-class Exp2Neg(wiring.Component):
+class Exp2Neg(FixedLatency, wiring.Component):
     """``y``: the fp16 code of ``exp2_neg(x)`` for an fp32 code ``x <= 0``.
 
     ``X = rne(|x| * 2**10)`` (fixed point, 10 fraction bits), ``n = X >> 10``, ``k = X &
@@ -106,3 +109,7 @@ class Exp2Neg(wiring.Component):
     def model(self, x) -> np.ndarray:
         """fp32 codes of values ``<= 0`` -> fp16 codes of ``exp2_neg``."""
         return fp.FP16.encode(att.exp2_neg(fp.FP32.decode(x)))
+
+    def memory_blocks(self) -> dict[str, float]:
+        """The 1024 x 11-bit ROM: one RAMB18E2, 0.5 BRAM36 (docs/attention_arith.md)."""
+        return memory_blocks(_FRACTION + 1, 1 << _FRACTION)

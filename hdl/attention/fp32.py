@@ -29,7 +29,9 @@ from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
+from trilut.config import no_memory
 from trilut.hdl.elementwise.fp16 import leading_zeros, pack, round_normalized
+from trilut.hdl.elementwise.lanes import FixedLatency
 from trilut.models import fp16 as fp
 
 __all__ = ["enable_port", "load_stage", "Fp32Add", "Fp32Mul", "Fp16ToFp32Product"]
@@ -52,7 +54,7 @@ def load_stage(m: Module, enable, *assignments) -> None:
         m.d.sync += list(assignments)
 
 
-class Fp32Add(wiring.Component):
+class Fp32Add(FixedLatency, wiring.Component):
     """``y = round32(a + b)`` on fp32 codes, either sign (``ElementwiseArithmetic(FP32).add``).
 
     Subtraction is an addition with the second operand's sign bit flipped. ``latency`` 5, one
@@ -169,8 +171,12 @@ class Fp32Add(wiring.Component):
         """fp32 codes -> ``round32(a + b)`` codes."""
         return _FP32.encode(_FP32_ARITH.add(_FP32.decode(a), _FP32.decode(b)))
 
+    def memory_blocks(self) -> dict[str, float]:
+        """None: LUTs, carries and stage registers (docs/attention_arith.md)."""
+        return no_memory()
 
-class Fp32Mul(wiring.Component):
+
+class Fp32Mul(FixedLatency, wiring.Component):
     """``y = round32(a * b)`` on fp32 codes (``ElementwiseArithmetic(FP32).mul``).
 
     ``latency`` 4, one result per cycle, one 24 x 24-bit significand multiply (yosys and
@@ -253,8 +259,12 @@ class Fp32Mul(wiring.Component):
             return fp.FP16.encode(fp.FP16.round(_FP32.decode(a) * _FP32.decode(b)))
         return _FP32.encode(_FP32_ARITH.mul(_FP32.decode(a), _FP32.decode(b)))
 
+    def memory_blocks(self) -> dict[str, float]:
+        """None: two DSP48E2 and stage registers (docs/attention_arith.md)."""
+        return no_memory()
 
-class Fp16ToFp32Product(wiring.Component):
+
+class Fp16ToFp32Product(FixedLatency, wiring.Component):
     """``y``: the fp32 code of the exact product of fp16 codes ``a`` and ``b`` (the product
     terms of ``models.attention.fp32_dot``: ``q_i k_i``, and ``p v_i`` of the softmax).
 
@@ -304,3 +314,7 @@ class Fp16ToFp32Product(wiring.Component):
         """fp16 codes -> fp32 codes of their exact product (rounding it changes nothing)."""
         exact = fp.FP16.decode(a) * fp.FP16.decode(b)
         return _FP32.encode(_FP32.round(exact))
+
+    def memory_blocks(self) -> dict[str, float]:
+        """None: one DSP48E2 and stage registers (docs/attention_arith.md)."""
+        return no_memory()

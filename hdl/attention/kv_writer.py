@@ -26,6 +26,7 @@ from amaranth.lib.wiring import In, Out
 
 from trilut.hdl.elementwise.lanes import lane_signature
 from trilut.hdl.memory.axi_write import AxiWriteMaster, WriteJob
+from trilut.models.checks import int_in_range, positive_int
 from trilut.models.kv_cache import KvLayout
 
 __all__ = ["KvCacheWriter", "KvWriteJob"]
@@ -41,10 +42,8 @@ class KvWriteJob:
 
     def __init__(self, layout: KvLayout, *, base: int, position: int, positions: int,
                  heads: int, beats_per_window: int, window: int, b_latency: int):
-        if not 1 <= heads <= layout.kv_heads:
-            raise ValueError(f"heads must be from 1 to {layout.kv_heads}, not {heads!r}")
-        if positions < 1:
-            raise ValueError(f"positions must be at least 1, not {positions!r}")
+        int_in_range("heads", heads, 1, layout.kv_heads, high_name="kv_heads")
+        positive_int("positions", positions)
         layout.check_room(position, positions)
         self.layout, self.base, self.position, self.positions = layout, base, position, positions
         self.heads = heads
@@ -152,6 +151,10 @@ class KvCacheWriter(wiring.Component):
             WriteJob(job.commands(word_bytes), beats_per_window=job.beats_per_window,
                      window=job.window, b_latency=job.b_latency),
             word_offer=lambda n, previous: gap - 1 if n == 0 else previous + gap)
+
+    def memory_blocks(self) -> dict[str, float]:
+        """The write master's queues; the job and gearbox registers are flip-flops."""
+        return self.master.memory_blocks()
 
     def elaborate(self, platform):
         m = Module()

@@ -10,7 +10,9 @@ from amaranth.lib import wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
+from trilut.config import no_memory
 from trilut.hdl.attention.fp32 import enable_port, load_stage
+from trilut.hdl.elementwise.lanes import FixedLatency
 from trilut.models import attention as att
 from trilut.models import fp16 as fp
 
@@ -25,7 +27,7 @@ _Q = att.RECIP_FRACTION_BITS                       # 18
 NEWTON_CORRECTION_BITS = 12
 
 
-class Recip32(wiring.Component):
+class Recip32(FixedLatency, wiring.Component):
     """``y = recip_fp32(v)`` on an fp32 code ``v > 0``, in the integers of its docstring.
 
     With ``M = 2**23 + f`` and ``Y0 = table[f >> 16]`` (18 bits, ``2**17 < Y0 < 2**18``)::
@@ -120,3 +122,8 @@ class Recip32(wiring.Component):
     def model(self, v) -> np.ndarray:
         """fp32 codes of positive values -> fp32 codes of ``recip_fp32``."""
         return fp.FP32.encode(att.recip_fp32(fp.FP32.decode(v)))
+
+    def memory_blocks(self) -> dict[str, float]:
+        """None: the 128 x 18 table is read combinationally, so it is LUTs (two LUT6 and a
+        MUXF7 a bit); docs/attention_arith.md."""
+        return no_memory()

@@ -9,11 +9,14 @@ global clock enable ``en`` moves every stage at once (docs/attention_decode.md s
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from amaranth.hdl import Const, Module, Mux, Signal, unsigned
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
+from trilut.config import no_memory
 from trilut.hdl.attention.dot import Fp32DotTree
 from trilut.hdl.attention.dot import _check_lanes as check_dot_lanes
 from trilut.hdl.attention.fp32 import Fp16ToFp32Product, Fp32Add, Fp32Mul
@@ -21,7 +24,7 @@ from trilut.hdl.elementwise.lanes import lane_layout, positive_int
 from trilut.models import attention as att
 from trilut.models import fp16 as fp
 
-__all__ = ["ScorePath", "score_latency", "delay_line"]
+__all__ = ["ScorePath", "ScoreJob", "score_latency", "delay_line"]
 
 
 def score_latency(*, lanes: int, head_dim: int) -> int:
@@ -46,6 +49,17 @@ def delay_line(m: Module, value, length: int, *, en, name: str) -> list[Signal]:
         stages.append(stage)
         previous = stage
     return stages
+
+
+@dataclass(frozen=True)
+class ScoreJob:
+    """``rows`` rows of ``head_dim / lanes`` beats through :class:`ScorePath`, one beat every
+    enabled cycle, the enable always high."""
+
+    rows: int
+
+    def __post_init__(self):
+        positive_int("rows", self.rows)
 
 
 class ScorePath(wiring.Component):
@@ -156,3 +170,12 @@ class ScorePath(wiring.Component):
         if q.shape[-1:] != (self.head_dim,):
             raise ValueError(f"q must be [..., {self.head_dim}], not {q.shape}")
         return fp.FP32.encode(att.scores(fp.FP16.decode(q), fp.FP16.decode(k), self.lanes))
+
+    def expected_cycles(self, job: ScoreJob) -> int:
+        """Cycles from the first row's first beat to the last row's ``t``, inclusive: the
+        beats one a cycle, each row's ``t`` ``latency`` cycles after its first beat."""
+        return (job.rows - 1) * self.beats + self.latency + 1
+
+    def memory_blocks(self) -> dict[str, float]:
+        """None: the delay lines are registers (the class docstring counts their bits)."""
+        return no_memory()

@@ -12,7 +12,7 @@
 
 One ``WeightFedTlmm`` is time-shared by the three matmuls (TeLLMe uses one engine), in the
 order gate, up, down for every row. The norm and quantizer in front of gate / up serve both:
-the quantized row is replayed ``2 * tiles_for(ffn)`` times, so gate and up are two engine rows
+the quantized row is replayed ``2 * EngineConfig.output_tiles(ffn)`` times, so gate and up are two engine rows
 of the same shape (K = hidden, N = ffn). Down is one engine row of shape (K = ffn,
 N = hidden).
 
@@ -49,16 +49,17 @@ from amaranth.hdl import Module, Mux, Signal, unsigned
 from amaranth.lib import fifo, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from trilut.config import DatapathConfig, DdrSimConfig, EngineConfig
+from trilut.config import DatapathConfig, DdrSimConfig, EngineConfig, memory_blocks, sum_memory
 from trilut.hdl.elementwise.activation import GatedActivation
 from trilut.hdl.elementwise.dequant import Dequantizer
 from trilut.hdl.elementwise.lanes import lane_layout
 from trilut.hdl.elementwise.residual import ResidualAdd
 from trilut.hdl.linear.bitlinear import quantizer_latency
-from trilut.hdl.linear.weight_fed_tlmm import WeightFedTlmm, _check_count
+from trilut.hdl.linear.weight_fed_tlmm import WeightFedTlmm
 from trilut.hdl.elementwise.act_quant import ActQuantizer
-from trilut.hdl.elementwise.rmsnorm import RmsNorm
+from trilut.hdl.elementwise.rmsnorm import RmsNorm, RmsNormJob
 from trilut.models import numerics as nm
+from trilut.models.checks import positive_int
 
 __all__ = ["FfnBlock", "FfnJob"]
 
@@ -96,8 +97,7 @@ class FfnBlock(wiring.Component):
         if datapath.lanes != C:
             raise ValueError(f"datapath.lanes ({datapath.lanes}) must equal the engine's "
                              f"columns_per_cycle ({C})")
-        if not (isinstance(residual_rows, int) and residual_rows >= 1):
-            raise ValueError(f"residual_rows must be a positive integer, not {residual_rows!r}")
+        positive_int("residual_rows", residual_rows)
         activation, eps = datapath.activation, datapath.norm_eps
         for name, n in (("hidden", hidden), ("ffn", ffn)):
             cfg.check_shape(n, n)
@@ -122,8 +122,8 @@ class FfnBlock(wiring.Component):
         self.k_blocks = {GATE: cfg.padded_k(hidden) // cfg.block_k,
                          DOWN: cfg.padded_k(ffn) // cfg.block_k}
         self.n_groups = {GATE: ffn // C, DOWN: hidden // C}
-        self.quant_tiles = 2 * self.quant.tiles_for(ffn)
-        self.sub_quant_tiles = self.sub_quant.tiles_for(hidden)
+        self.quant_tiles = 2 * cfg.output_tiles(ffn)
+        self.sub_quant_tiles = cfg.output_tiles(hidden)
         dp = self.datapath
         lanes = stream.Signature(lane_layout(C))
         super().__init__({
@@ -184,7 +184,7 @@ class FfnBlock(wiring.Component):
                 m.d.sync += res_count.eq(res_count + 1)
 
         # ---- act_phase: the engine's activation beats -------------------------------------
-        gate_act_beats = self.k_blocks[GATE] * self.quant.tiles_for(self.ffn)   # per engine row
+        gate_act_beats = self.k_blocks[GATE] * self.cfg.output_tiles(self.ffn)   # per engine row
         down_act_beats = self.k_blocks[DOWN] * self.sub_quant_tiles
         act_phase = Signal(range(3))
         act_count = Signal(range(max(gate_act_beats, down_act_beats)))
@@ -256,6 +256,19 @@ class FfnBlock(wiring.Component):
 
     # ---- how long it takes ---------------------------------------------------------------
 
+    def memory_blocks(self, board=None) -> dict[str, float]:
+        """The children's (the weight feed on ``board``, the norms and quantizers, the
+        element-wise units) and the gate and residual FIFOs (``SyncFIFOBuffered``: depth - 1
+        words in memory)."""
+        C = self.cfg.columns_per_cycle
+        return sum_memory(
+            self.datapath.memory_blocks(board), self.norm.memory_blocks(),
+            self.quant.memory_blocks(), self.sub_norm.memory_blocks(),
+            self.sub_quant.memory_blocks(), self.dequant.memory_blocks(),
+            self.gated.memory_blocks(), self.residual.memory_blocks(),
+            memory_blocks(16 * C, self.gate_fifo.depth - 1),
+            memory_blocks(16 * C, self.residual_fifo.depth - 1))
+
     def expected_cycles(self, job: FfnJob) -> int:
         """Cycles from the first input beat taken (``h``, ``cmd``, ``tiles`` together) to the
         last ``y`` beat, inclusive, when no stream stalls.
@@ -281,7 +294,7 @@ class FfnBlock(wiring.Component):
         """
         if not isinstance(job, FfnJob):
             raise TypeError(f"job must be an FfnJob, not {job!r}")
-        _check_count("rows", job.rows)
+        positive_int("rows", job.rows)
         most = min(2, self.residual_rows)
         if job.rows > most:
             raise ValueError(f"the cycle model times at most {most} rows, not {job.rows}")
@@ -296,11 +309,11 @@ class FfnBlock(wiring.Component):
                                  f"column groups is shorter than the quantizer's "
                                  f"{latency}-cycle refill: the cycle model is exact only "
                                  "without that wait")
-        norm_last = [self.norm.expected_cycles(self.hidden, r + 1) - 1
+        norm_last = [self.norm.expected_cycles(RmsNormJob(n=self.hidden, rows=r + 1)) - 1
                      for r in range(job.rows)]
         # The sub-norm's last output after its last input (one row at a time: a row's up
         # results come long after the previous row's sub-norm is done).
-        sub_norm = self.sub_norm.expected_cycles(self.ffn, 1) - self.ffn_beats
+        sub_norm = self.sub_norm.expected_cycles(RmsNormJob(n=self.ffn, rows=1)) - self.ffn_beats
         to_sub_norm = self.dequant.latency + self.gated.latency
 
         def first_act(row: int, done: list) -> int:

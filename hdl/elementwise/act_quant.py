@@ -14,6 +14,7 @@ docs/row_units.md gives the protocol, latency, buffering and resources.
 """
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
@@ -21,13 +22,13 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from trilut.config import EngineConfig
+from trilut.config import EngineConfig, memory_blocks, sum_memory
 from trilut.hdl.elementwise.lanes import check_lanes, lane_signature, positive_int
 from trilut.hdl.elementwise.row_buffer import RowBuffer
 from trilut.models import fp16 as fp
 from trilut.models import numerics
 
-__all__ = ["ActQuantizer", "quant_reciprocal_table", "TILES_WIDTH"]
+__all__ = ["ActQuantizer", "ActQuantJob", "quant_reciprocal_table", "TILES_WIDTH"]
 
 _FP32 = fp.FP32
 _FP32_BIAS = _FP32.bias                     # 127
@@ -47,6 +48,21 @@ def quant_reciprocal_table() -> np.ndarray:
     mant = np.arange(1 << fp.FP16.mantissa_bits)
     a = 1.0 + mant / (1 << fp.FP16.mantissa_bits)
     return _FP32.from_float(numerics.ACT_MAX / a).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class ActQuantJob:
+    """``rows`` rows of ``n`` elements, each sent ``tiles`` times (``EngineConfig.output_tiles``
+    of the matmul's width), through :class:`ActQuantizer`, streams never stalling."""
+
+    n: int
+    rows: int
+    tiles: int
+
+    def __post_init__(self):
+        positive_int("n", self.n)
+        positive_int("rows", self.rows)
+        positive_int("tiles", self.tiles, at_most=(1 << TILES_WIDTH) - 1)
 
 
 class ActQuantizer(wiring.Component):
@@ -85,6 +101,7 @@ class ActQuantizer(wiring.Component):
         self.block = cfg.block_k
         self.words = -(-max_n // lanes)
         self.n_width = max_n.bit_length()
+        self.row_buffer = RowBuffer(lanes=lanes, max_n=max_n)
         super().__init__({
             "x": In(lane_signature(lanes)),
             "acts": Out(stream.Signature(data.ArrayLayout(signed(cfg.act_bits), cfg.block_k))),
@@ -100,7 +117,7 @@ class ActQuantizer(wiring.Component):
         slots = B + L - g                       # gearbox capacity, in codes
         e_shape = range(self.max_n + B + 2 * L + 1)
         n = self.n
-        m.submodules.row_buffer = row = RowBuffer(lanes=L, max_n=self.max_n)
+        m.submodules.row_buffer = row = self.row_buffer
         wiring.connect(m, wiring.flipped(self.x), row.x)
         m.d.comb += row.n.eq(n)
         m.submodules.reciprocal = recip = Memory(
@@ -259,13 +276,6 @@ class ActQuantizer(wiring.Component):
 
     # ---- what it computes, how long it takes -------------------------------------------------
 
-    def tiles_for(self, n_out: int) -> int:
-        """The ``tiles`` input for a matmul with ``n_out`` output columns: the engine's output
-        tiles of ``C * D`` columns (``numerics.tlmm_act_beats`` re-sends a row per tile)."""
-        positive_int("n_out", n_out)
-        groups = self.cfg.padded_n(n_out) // self.cfg.columns_per_cycle
-        return -(-groups // self.cfg.accumulator_depth)
-
     def model(self, x, n_out: int) -> tuple[list[int], np.ndarray]:
         """fp16 codes ``x[rows, n]`` -> ``(acts beats, absmax codes[rows])`` for a matmul with
         ``n_out`` output columns: ``numerics.tlmm_act_beats`` of ``fp16_quantize_int8``."""
@@ -275,17 +285,23 @@ class ActQuantizer(wiring.Component):
                                         cfg.columns_per_cycle, cfg.accumulator_depth, n_out)
         return beats, absmax[:, 0]
 
-    def expected_cycles(self, n: int, rows: int = 1, tiles: int = 1) -> int:
+    def memory_blocks(self) -> dict[str, float]:
+        """The row buffer's and the reciprocal ROM (1024 x 31 bits, one RAMB36;
+        docs/row_units.md: 12 BRAM36 in all at kv260)."""
+        return sum_memory(self.row_buffer.memory_blocks(),
+                          memory_blocks(31, 1 << fp.FP16.mantissa_bits))
+
+    def expected_cycles(self, job: ActQuantJob) -> int:
         """Cycles from the first ``x`` beat taken to the last ``acts`` beat taken, inclusive,
-        for ``rows`` rows of ``n`` elements sent ``tiles`` times, streams never stalling.
+        for ``job.rows`` rows of ``job.n`` elements sent ``job.tiles`` times, streams never
+        stalling.
 
         A replay of the control alone (no data), cycle by cycle: with ``G*T >= L`` the
         gearbox never fills and the row's words stream at one per cycle; with ``G*T < L`` it
         is bound by one ``acts`` beat per cycle and stalls the read pipeline.
         """
+        n, rows, tiles = job.n, job.rows, job.tiles
         positive_int("n", n, at_most=self.max_n)
-        positive_int("rows", rows)
-        positive_int("tiles", tiles, at_most=(1 << TILES_WIDTH) - 1)
         L, B = self.lanes, self.block
         beats_in = -(-n // L)
         k_beats = -(-n // B)

@@ -18,8 +18,11 @@ from amaranth.lib.wiring import In, Out
 # (bitnet_b1_58): the configuration validates against the same tuple.
 from trilut.config import ACTIVATIONS
 from trilut.hdl.elementwise.fp16 import Fp16Add, Fp16Mul, leading_zeros
-from trilut.hdl.elementwise.lanes import Pipeline, check_lanes, join, lane_layout, lane_signature
+from trilut.config import memory_blocks, no_memory
+from trilut.hdl.elementwise.lanes import (FixedLatency, Pipeline, check_lanes, join, lane_layout,
+                                          lane_signature)
 from trilut.models import fp16 as fp
+from trilut.models.checks import one_of
 
 __all__ = ["GatedActivation", "ACTIVATIONS"]
 
@@ -30,7 +33,7 @@ _FP16_HALF = int(fp.fp16_from_float(0.5))
 _FP16_QUARTER = int(fp.fp16_from_float(0.25))
 
 
-class GatedActivation(wiring.Component):
+class GatedActivation(FixedLatency, wiring.Component):
     """``y = round(act(gate) * up)`` per lane: ``fp16_gate_mul(fp16_relu2(gate), up)`` or
     ``fp16_gate_mul(fp16_silu(gate), up)``, the models' exact rounding sequence.
 
@@ -54,9 +57,7 @@ class GatedActivation(wiring.Component):
 
     def __init__(self, *, lanes: int, activation: str):
         check_lanes(lanes)
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, "
-                             f"not {activation!r}")
+        one_of("activation", activation, ACTIVATIONS)
         self.lanes = lanes
         self.activation = activation
         super().__init__({
@@ -68,6 +69,13 @@ class GatedActivation(wiring.Component):
     @property
     def latency(self) -> int:
         return 2 if self.activation == "relu2" else 5
+
+    def memory_blocks(self) -> dict[str, float]:
+        """relu2: none. silu: the sigmoid table, 512 x (a, b) fp16 a lane, one RAMB18 each
+        (docs/lane_units.md: 8 BRAM36 at 16 lanes)."""
+        if self.activation == "relu2":
+            return no_memory()
+        return memory_blocks(32, 512, count=self.lanes)
 
     def elaborate(self, platform):
         m = Module()

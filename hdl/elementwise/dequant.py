@@ -8,18 +8,21 @@ the timing.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from trilut.config import EngineConfig
+from trilut.config import EngineConfig, no_memory
 from trilut.hdl.elementwise.fp16 import leading_zeros, pack
 from trilut.hdl.elementwise.lanes import Pipeline, lane_layout, lane_signature
 from trilut.hdl.linear.tlmm_engine import N_GROUPS_WIDTH
 from trilut.models import fp16 as fp
+from trilut.models.checks import positive_int
 
-__all__ = ["DequantScale", "Dequantizer"]
+__all__ = ["DequantScale", "DequantScaleJob", "Dequantizer", "DequantJob"]
 
 _MANT = fp.FP16.mantissa_bits                   # 10
 _BIAS = fp.FP16.bias                            # 15
@@ -27,6 +30,30 @@ _F32_MANT = fp.FP32.mantissa_bits               # 23
 _F32_BIAS = fp.FP32.bias                        # 127
 _F32_EXP_MAX = 2 * _F32_BIAS                    # 254
 _ACT_MAX = 127                                  # numerics.ACT_MAX: A / 127 is the act scale
+
+
+@dataclass(frozen=True)
+class DequantScaleJob:
+    """``rows`` absmax beats offered to :class:`DequantScale` back to back, each scale taken
+    at once."""
+
+    rows: int
+
+    def __post_init__(self):
+        positive_int("rows", self.rows)
+
+
+@dataclass(frozen=True)
+class DequantJob:
+    """``rows`` rows of ``n_groups`` accumulator beats through :class:`Dequantizer`, every
+    ``absmax`` offered ahead, streams never stalling."""
+
+    rows: int
+    n_groups: int
+
+    def __post_init__(self):
+        positive_int("rows", self.rows)
+        positive_int("n_groups", self.n_groups)
 
 
 class DequantScale(wiring.Component):
@@ -173,6 +200,16 @@ class DequantScale(wiring.Component):
         """fp16 ``absmax`` codes, fp32 ``weight_scale`` code -> fp32 scale codes."""
         return fp.fp16_dequant_scale(absmax, fp.fp32_to_float(np.uint32(weight_scale)))
 
+    def expected_cycles(self, job: DequantScaleJob) -> int:
+        """Cycles from the first ``absmax`` taken to the last ``scale`` out, inclusive: one
+        row every ``interval`` cycles, each scale out ``latency + 1`` edges after its
+        ``absmax``."""
+        return (job.rows - 1) * self.interval + self.latency + 2
+
+    def memory_blocks(self) -> dict[str, float]:
+        """None: the divider and the product (one DSP48E2) are registers and LUTs."""
+        return no_memory()
+
 
 class Dequantizer(wiring.Component):
     """TLMM accumulators -> fp16: ``y = round(acc * S)`` per lane, ``S`` the row's fp32
@@ -219,11 +256,17 @@ class Dequantizer(wiring.Component):
         """Edges from taking a row's ``absmax`` to the earliest edge its first beat is taken."""
         return DequantScale.latency + 1
 
-    def expected_cycles(self, rows: int, n_groups: int) -> int:
+    def expected_cycles(self, job: DequantJob) -> int:
         """Edges from the first ``absmax`` taken to the last ``y`` beat out, inclusive of
         both, when no stream ever stalls and every ``absmax`` is offered ahead."""
-        period = max(n_groups, DequantScale.interval)
-        return self.scale_latency + (rows - 1) * period + (n_groups - 1) + self.latency + 1
+        period = max(job.n_groups, DequantScale.interval)
+        return (self.scale_latency + (job.rows - 1) * period + (job.n_groups - 1)
+                + self.latency + 1)
+
+    def memory_blocks(self) -> dict[str, float]:
+        """None (docs/lane_units.md: 0 BRAM36): pipeline registers, DSP48E2 and the scalar
+        path's ``DequantScale``."""
+        return no_memory()
 
     def elaborate(self, platform):
         m = Module()

@@ -34,6 +34,8 @@ from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
+from trilut.config import no_memory
+from trilut.hdl.elementwise.lanes import FixedLatency, int_in_range
 from trilut.models import fp16 as fp
 
 __all__ = ["Fp16Mul", "Fp16Add", "IntToFp16"]
@@ -90,7 +92,7 @@ def round_normalized(m: Module, value, precision: int, name: str):
     return rounded, top
 
 
-class Fp16Mul(wiring.Component):
+class Fp16Mul(FixedLatency, wiring.Component):
     """Combinational fp16 multiply: ``y = round(a * b)`` (``models.fp16.fp16_mul``).
 
     Zero product sign is ``a.sign ^ b.sign``. Latency 0; one 11 x 11 multiplier.
@@ -99,6 +101,8 @@ class Fp16Mul(wiring.Component):
     a: In(unsigned(16))
     b: In(unsigned(16))
     y: Out(unsigned(16))
+
+    latency = 0
 
     def elaborate(self, platform):
         m = Module()
@@ -130,8 +134,12 @@ class Fp16Mul(wiring.Component):
     def model(self, a, b) -> np.ndarray:
         return fp.fp16_mul(a, b)
 
+    def memory_blocks(self) -> dict[str, float]:
+        """None: one multiplier (a DSP48E2) and LUTs."""
+        return no_memory()
 
-class Fp16Add(wiring.Component):
+
+class Fp16Add(FixedLatency, wiring.Component):
     """Combinational fp16 add: ``y = round(a + b)`` (``models.fp16.fp16_add``).
 
     An exact zero sum is +0 unless both operands are (flushed) negative zeros. Latency 0.
@@ -140,6 +148,8 @@ class Fp16Add(wiring.Component):
     a: In(unsigned(16))
     b: In(unsigned(16))
     y: Out(unsigned(16))
+
+    latency = 0
 
     def elaborate(self, platform):
         m = Module()
@@ -204,8 +214,12 @@ class Fp16Add(wiring.Component):
     def model(self, a, b) -> np.ndarray:
         return fp.fp16_add(a, b)
 
+    def memory_blocks(self) -> dict[str, float]:
+        """None: LUTs and carries."""
+        return no_memory()
 
-class IntToFp16(wiring.Component):
+
+class IntToFp16(FixedLatency, wiring.Component):
     """Combinational signed integer -> fp16: ``y = round(value)`` (``int_to_fp16``).
 
     ``width`` is the two's-complement input width (the TLMM accumulator's, 22 for kv260);
@@ -213,10 +227,11 @@ class IntToFp16(wiring.Component):
     """
 
     def __init__(self, width: int):
-        if not isinstance(width, int) or isinstance(width, bool) or not 2 <= width <= 64:
-            raise ValueError(f"width must be an integer from 2 to 64, not {width!r}")
+        int_in_range("width", width, 2, 64)
         self.width = width
         super().__init__({"value": In(signed(width)), "y": Out(unsigned(16))})
+
+    latency = 0
 
     def elaborate(self, platform):
         m = Module()
@@ -242,3 +257,7 @@ class IntToFp16(wiring.Component):
 
     def model(self, value) -> np.ndarray:
         return fp.int_to_fp16(np.asarray(value, dtype=np.int64))
+
+    def memory_blocks(self) -> dict[str, float]:
+        """None: LUTs and carries."""
+        return no_memory()

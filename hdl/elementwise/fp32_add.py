@@ -10,7 +10,9 @@ from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
+from trilut.config import no_memory
 from trilut.hdl.elementwise.fp16 import pack
+from trilut.hdl.elementwise.lanes import FixedLatency
 from trilut.models import fp16 as fp
 
 __all__ = ["ADD_LATENCY", "Fp32AddNonNegative", "tree_schedule"]
@@ -22,7 +24,7 @@ _FP32_ARITH = fp.ElementwiseArithmetic(fp.FP32)
 ADD_LATENCY = 1
 
 
-class Fp32AddNonNegative(wiring.Component):
+class Fp32AddNonNegative(FixedLatency, wiring.Component):
     """``y = round32(a + b)`` for non-negative fp32 codes, split over two pipeline stages.
 
     Every operand of RMSNorm's reduction is a square or a sum of squares (or eps), so the
@@ -39,6 +41,8 @@ class Fp32AddNonNegative(wiring.Component):
     a: In(unsigned(32))
     b: In(unsigned(32))
     y: Out(unsigned(32))
+
+    latency = ADD_LATENCY
 
     def elaborate(self, platform):
         m = Module()
@@ -81,6 +85,10 @@ class Fp32AddNonNegative(wiring.Component):
     def model(self, a, b) -> np.ndarray:
         """fp32 codes -> ``round32(a + b)`` codes (``ElementwiseArithmetic(FP32).add``)."""
         return _FP32.encode(_FP32_ARITH.add(_FP32.decode(a), _FP32.decode(b)))
+
+    def memory_blocks(self) -> dict[str, float]:
+        """None: LUTs, carries and the stage register."""
+        return no_memory()
 
 
 def tree_schedule(partials: int, latency: int = ADD_LATENCY + 1):

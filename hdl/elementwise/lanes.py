@@ -19,25 +19,46 @@ edge ``e + latency - 1`` and can leave on edge ``e + latency``; throughput one b
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from amaranth.hdl import Module, Signal, unsigned
 from amaranth.lib import data, stream
 
-__all__ = ["positive_int", "check_lanes", "lane_layout", "lane_signature", "Pipeline", "join"]
+# The one parameter check, re-exported: the lane blocks (and the attention units) import it
+# from here with the lane helpers.
+from trilut.models.checks import int_in_range, positive_int
+
+__all__ = ["positive_int", "check_lanes", "lane_layout", "lane_signature", "Pipeline", "join",
+           "PipelineJob", "FixedLatency"]
 
 
-def positive_int(name: str, value, *, at_most: int | None = None) -> None:
-    """Raise ``ValueError`` naming ``name`` and the value unless ``value`` is an integer in
-    ``1 ..  at_most`` (no upper limit when ``at_most`` is None; a bool is not an integer)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, not {value!r}")
-    if at_most is not None and value > at_most:
-        raise ValueError(f"{name} must be at most {at_most}, not {value!r}")
+@dataclass(frozen=True)
+class PipelineJob:
+    """The job of a fixed-latency block that takes one beat (or one operand set) a cycle:
+    ``beats`` of them, back to back."""
+
+    beats: int
+
+    def __post_init__(self):
+        positive_int("beats", self.beats)
+
+
+class FixedLatency:
+    """``expected_cycles`` of a block with a constant ``latency`` and one beat a cycle (the
+    pipelined lane blocks here, the attention arithmetic of ``hdl/attention/fp32.py``, the
+    combinational fp16 units with ``latency`` 0): the first beat taken on cycle 0 leaves
+    ``latency`` edges later and the others follow one a cycle, so ``beats + latency`` cycles
+    from the first beat in to the last out, inclusive. The block sets ``latency``."""
+
+    def expected_cycles(self, job: PipelineJob) -> int:
+        if not isinstance(job, PipelineJob):
+            raise TypeError(f"job must be a PipelineJob, not {job!r}")
+        return job.beats + self.latency
 
 
 def check_lanes(lanes) -> None:
     """Raise ``ValueError`` unless ``lanes`` is an integer from 1 to 256."""
-    if isinstance(lanes, bool) or not isinstance(lanes, int) or not 1 <= lanes <= 256:
-        raise ValueError(f"lanes must be an integer from 1 to 256, not {lanes!r}")
+    int_in_range("lanes", lanes, 1, 256)
 
 
 def lane_layout(lanes: int) -> data.ArrayLayout:

@@ -10,13 +10,15 @@ from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
 from trilut.hdl.elementwise.fp16 import Fp16Add
-from trilut.hdl.elementwise.lanes import Pipeline, check_lanes, join, lane_layout, lane_signature
+from trilut.config import no_memory
+from trilut.hdl.elementwise.lanes import (FixedLatency, Pipeline, check_lanes, join, lane_layout,
+                                          lane_signature)
 from trilut.models import fp16 as fp
 
 __all__ = ["ResidualAdd"]
 
 
-class ResidualAdd(wiring.Component):
+class ResidualAdd(FixedLatency, wiring.Component):
     """``y = round(residual + update)`` per lane (``fp16_residual_add``).
 
     * ``residual``, ``update`` in: ``lanes`` fp16 codes per beat, paired beat by beat.
@@ -53,3 +55,7 @@ class ResidualAdd(wiring.Component):
 
     def model(self, residual, update) -> np.ndarray:
         return fp.fp16_residual_add(residual, update)
+
+    def memory_blocks(self) -> dict[str, float]:
+        """None: one ``Fp16Add`` a lane (docs/lane_units.md: 0 BRAM)."""
+        return no_memory()

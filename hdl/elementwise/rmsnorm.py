@@ -15,6 +15,7 @@ docs/row_units.md gives the protocol, latency, buffering and resources.
 """
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
@@ -22,6 +23,7 @@ from amaranth.lib import stream, wiring, data
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
+from trilut.config import no_memory
 from trilut.hdl.elementwise.fp16 import Fp16Mul, leading_zeros, pack, round_normalized
 from trilut.hdl.elementwise.fp32_add import ADD_LATENCY, Fp32AddNonNegative, tree_schedule
 from trilut.hdl.elementwise.lanes import check_lanes, lane_layout, lane_signature, positive_int
@@ -29,7 +31,7 @@ from trilut.hdl.elementwise.row_buffer import RowBuffer
 from trilut.models import fp16 as fp
 from trilut.models import numerics
 
-__all__ = ["RmsScale", "RmsNorm"]
+__all__ = ["RmsScale", "RmsScaleJob", "RmsNorm", "RmsNormJob"]
 
 _FP32 = fp.FP32
 _FP32_BIAS = _FP32.bias                     # 127
@@ -38,6 +40,17 @@ _FP16_BIAS = fp.FP16.bias                   # 15
 #: Quotient bits of the ``1/n`` divider: 24 significand bits, a guard bit, and the leading bit
 #: that is set only when ``n`` is a power of two.
 _RECIP_QUOTIENT_BITS = 26
+
+
+@dataclass(frozen=True)
+class RmsScaleJob:
+    """Rows handed to :class:`RmsScale` back to back, ``rows`` of them, each result taken at
+    once."""
+
+    rows: int
+
+    def __post_init__(self):
+        positive_int("rows", self.rows)
 
 
 class RmsScale(wiring.Component):
@@ -64,6 +77,7 @@ class RmsScale(wiring.Component):
         positive_int("n_width", n_width, at_most=24)
         if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not (
                 math.isfinite(eps) and eps >= 0):
+            # Zero is allowed here (the model's rsqrt of a plain mean), so not positive_number.
             raise ValueError(f"eps must be a finite non-negative number, not {eps!r}")
         self.partials = partials
         self.n_width = n_width
@@ -85,6 +99,23 @@ class RmsScale(wiring.Component):
         # divider one per quotient bit; MEAN0 follows both, then MEAN1..RS6 (10 states), then
         # DONE raises out.valid.
         return max(self._tree_steps, _RECIP_QUOTIENT_BITS) + 12
+
+    def model(self, partials, n: int) -> np.ndarray:
+        """fp32 codes of the partial sums of squares (``[rows, partials]``) of rows of ``n``
+        elements -> ``r`` per row (float64), which ``out`` carries as ``y1 * 2**(rk - 17)``:
+        the pairwise tree, then ``ElementwiseArithmetic.rms_scale``."""
+        ssq = fp.FP16_ARITH.pairwise_sum(_FP32.decode(np.asarray(partials)))
+        return fp.FP16_ARITH.rms_scale(ssq, n, self.eps)
+
+    def expected_cycles(self, job: RmsScaleJob) -> int:
+        """Cycles from the first ``inp`` transfer to the last ``out`` transfer, inclusive:
+        ``out.valid`` rises ``latency`` cycles after the transfer and the next ``inp`` is
+        taken in the cycle after ``out`` moved (as ``RmsNorm.expected_cycles`` counts it)."""
+        return job.rows * (self.latency + 1)
+
+    def memory_blocks(self) -> dict[str, float]:
+        """None: the rsqrt table (256 x 18 bits) maps to LUTs (docs/row_units.md)."""
+        return no_memory()
 
     def elaborate(self, platform):
         m = Module()
@@ -220,6 +251,18 @@ class RmsScale(wiring.Component):
         return m
 
 
+@dataclass(frozen=True)
+class RmsNormJob:
+    """``rows`` rows of ``n`` elements through :class:`RmsNorm`, streams never stalling."""
+
+    n: int
+    rows: int
+
+    def __post_init__(self):
+        positive_int("n", self.n)
+        positive_int("rows", self.rows)
+
+
 class RmsNorm(wiring.Component):
     """RMSNorm over rows of fp16 lanes (``models.fp16.fp16_rmsnorm(x, w, eps, partials=2L)``).
 
@@ -260,6 +303,7 @@ class RmsNorm(wiring.Component):
         self.words = -(-max_n // lanes)                 # buffer words per bank
         self.n_width = max_n.bit_length()
         self.scale = RmsScale(partials=self.partials, n_width=self.n_width, eps=eps)
+        self.row_buffer = RowBuffer(lanes=lanes, max_n=max_n)
         self.eps = self.scale.eps
         super().__init__({
             "x": In(lane_signature(lanes)),
@@ -273,7 +317,7 @@ class RmsNorm(wiring.Component):
         L, Wd = self.lanes, self.words
         e_shape = range(self.max_n + L + 1)
         m.submodules.scale = scale = self.scale
-        m.submodules.row_buffer = row = RowBuffer(lanes=L, max_n=self.max_n)
+        m.submodules.row_buffer = row = self.row_buffer
         n = self.n
         wiring.connect(m, wiring.flipped(self.x), row.x)
         m.d.comb += row.n.eq(n)
@@ -401,11 +445,15 @@ class RmsNorm(wiring.Component):
         weight = np.broadcast_to(np.asarray(weight, dtype=np.uint16), x.shape)
         return fp.fp16_rmsnorm(x, weight, self.eps, partials=self.partials)
 
-    def expected_cycles(self, n: int, rows: int = 1) -> int:
+    def memory_blocks(self) -> dict[str, float]:
+        """The row buffer's (``RowBuffer``); ``RmsScale`` has none."""
+        return self.row_buffer.memory_blocks()
+
+    def expected_cycles(self, job: RmsNormJob) -> int:
         """Cycles from the first ``x`` beat taken to the last ``y`` beat taken, inclusive, for
-        ``rows`` rows of ``n`` elements with streams that never stall."""
+        ``job.rows`` rows of ``job.n`` elements with streams that never stall."""
+        n, rows = job.n, job.rows
         positive_int("n", n, at_most=self.max_n)
-        positive_int("rows", rows)
         beats = -(-n // self.lanes)
         front_free = 0          # first cycle the front may take a new row's first beat
         scale_free = 0          # first cycle RmsScale can take a handoff

@@ -7,14 +7,17 @@ row intake and the bank bookkeeping. Two banks let the next row's pass 1 overlap
 pass 2.
 """
 
+from dataclasses import dataclass
+
 from amaranth.hdl import Module, Mux, Signal, unsigned
 from amaranth.lib import wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
+from trilut.config import memory_blocks
 from trilut.hdl.elementwise.lanes import check_lanes, lane_layout, lane_signature, positive_int
 
-__all__ = ["RowBuffer"]
+__all__ = ["RowBuffer", "RowBufferJob"]
 
 
 class RowBuffer(wiring.Component):
@@ -117,3 +120,32 @@ class RowBuffer(wiring.Component):
         with m.If(self.release):
             m.d.sync += b_bank.eq(~b_bank)
         return m
+
+    # ---- the contract: a building block of the row units, answered for completeness ----------
+
+    def model(self, rows) -> list:
+        """What pass 2 reads back of each row of ``rows`` (fp16 codes ``[rows, n]``): the
+        row's ``ceil(n / L)`` words of ``L`` lanes, lanes at and beyond ``n`` as +0."""
+        rows = [list(r) for r in rows]
+        L = self.lanes
+        return [[[r[i + l] if i + l < len(r) else 0 for l in range(L)]
+                 for i in range(0, len(r), L)] for r in rows]
+
+    def expected_cycles(self, job: "RowBufferJob") -> int:
+        """Cycles pass 1 takes a row of ``job.n`` elements, the owner never waiting: one beat
+        a cycle, ``ceil(n / L)`` beats (no latency of its own)."""
+        positive_int("n", job.n, at_most=self.max_n)
+        return -(-job.n // self.lanes)
+
+    def memory_blocks(self) -> dict[str, float]:
+        """The two banks, one memory of ``2 * words`` x ``16 L`` bits
+        (:func:`trilut.config.memory_blocks`; the kv260 build, 1080 x 256 bits: 12 here, 11 in
+        yosys's report, which mixes aspect ratios)."""
+        return memory_blocks(16 * self.lanes, 2 * self.words)
+
+
+@dataclass(frozen=True)
+class RowBufferJob:
+    """A row of ``n`` elements taken by pass 1 (:meth:`RowBuffer.expected_cycles`)."""
+
+    n: int

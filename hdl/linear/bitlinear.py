@@ -25,12 +25,13 @@ from amaranth.hdl import Module, unsigned
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-from trilut.config import DatapathConfig, EngineConfig
+from trilut.config import DatapathConfig, EngineConfig, sum_memory
 from trilut.hdl.elementwise.dequant import Dequantizer
-from trilut.hdl.linear.weight_fed_tlmm import WeightFedJob, WeightFedTlmm, _check_count
-from trilut.hdl.elementwise.act_quant import ActQuantizer
-from trilut.hdl.elementwise.rmsnorm import RmsNorm
+from trilut.hdl.linear.weight_fed_tlmm import WeightFedJob, WeightFedTlmm
+from trilut.hdl.elementwise.act_quant import ActQuantizer, ActQuantJob
+from trilut.hdl.elementwise.rmsnorm import RmsNorm, RmsNormJob
 from trilut.models import numerics as nm
+from trilut.models.checks import positive_int
 
 __all__ = ["BitLinear", "BitLinearJob", "quantizer_latency"]
 
@@ -40,7 +41,8 @@ def quantizer_latency(quant: ActQuantizer) -> int:
     offered: ``ActQuantizer.expected_cycles`` of a one-block row, less that row's input
     beats (the path from the last element on does not depend on the row's length)."""
     block = quant.block
-    return quant.expected_cycles(block, 1, 1) - -(-block // quant.lanes)
+    one_block = ActQuantJob(n=block, rows=1, tiles=1)
+    return quant.expected_cycles(one_block) - -(-block // quant.lanes)
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,7 @@ class BitLinear(wiring.Component):
     one row per input row), ``y`` (the N fp16 outputs, C per beat); ``cmd`` / ``tiles`` (the
     weight schedule, ``trilut.host.schedule.weight_schedule``); ``axi`` to DDR.
     Shape and scalar inputs, held while a row is in flight: ``k`` (K), ``k_blocks``,
-    ``n_groups``, ``tiles_per_row`` (output tiles, ``ActQuantizer.tiles_for(N)``) and
+    ``n_groups``, ``tiles_per_row`` (output tiles, ``EngineConfig.output_tiles(N)``) and
     ``weight_scale`` (the layer's fp32 weight scale code). The DDR word width, tile depth,
     bursts in flight and the norm's epsilon come from the ``DatapathConfig``.
     """
@@ -130,6 +132,12 @@ class BitLinear(wiring.Component):
         beat offered (:func:`quantizer_latency`)."""
         return quantizer_latency(self.quant)
 
+    def memory_blocks(self, board=None) -> dict[str, float]:
+        """The children's: the weight feed (on ``board``), the norm, the quantizer and the
+        dequantizer."""
+        return sum_memory(self.datapath.memory_blocks(board), self.norm.memory_blocks(),
+                          self.quant.memory_blocks(), self.dequant.memory_blocks())
+
     def expected_cycles(self, job: BitLinearJob) -> int:
         """Cycles from the first input beat taken (``x``, ``cmd``, ``tiles`` together) to the
         last ``y`` beat, inclusive, when no stream stalls.
@@ -146,7 +154,7 @@ class BitLinear(wiring.Component):
         """
         if not isinstance(job, BitLinearJob):
             raise TypeError(f"job must be a BitLinearJob, not {job!r}")
-        _check_count("rows", job.rows)
+        positive_int("rows", job.rows)
         if job.rows > self.MAX_TIMED_ROWS:
             raise ValueError(f"the cycle model times at most {self.MAX_TIMED_ROWS} rows, "
                              f"not {job.rows}")
@@ -161,7 +169,8 @@ class BitLinear(wiring.Component):
             raise ValueError(f"an engine tile of {min(tail or depth, shape[1])} column groups "
                              f"is shorter than the quantizer's {latency}-cycle refill: the "
                              "cycle model is exact only without that wait")
-        first = [self.norm.expected_cycles(job.k, r + 1) - 1 + latency for r in range(job.rows)]
+        first = [self.norm.expected_cycles(RmsNormJob(n=job.k, rows=r + 1)) - 1 + latency
+                 for r in range(job.rows)]
         results = dp.timing(job.reads, job.tiles, job.ddr, [shape] * job.rows,
                             lambda row, done: first[row])
         return results[-1][-1] + self.dequant.latency + 1

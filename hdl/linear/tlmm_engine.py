@@ -20,16 +20,20 @@ D cycles; partial sums live in an accumulator memory of D words of C x acc_width
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from trilut.config import EngineConfig
+from trilut.config import EngineConfig, memory_blocks, no_memory
+from trilut.hdl.elementwise.lanes import FixedLatency
 from trilut.models import numerics
+from trilut.models.checks import positive_int
 
-__all__ = ["TableBuilder", "ColumnLookup", "TlmmEngine", "weight_beat_layout"]
+__all__ = ["TableBuilder", "ColumnLookup", "TlmmEngine", "TlmmJob", "weight_beat_layout"]
 
 #: Width of the ``n_groups`` shape input: up to 65535 groups of C columns.
 N_GROUPS_WIDTH = 16
@@ -49,7 +53,7 @@ def _result_layout(cfg: EngineConfig) -> data.ArrayLayout:
     return data.ArrayLayout(signed(cfg.acc_width), cfg.columns_per_cycle)
 
 
-class TableBuilder(wiring.Component):
+class TableBuilder(FixedLatency, wiring.Component):
     """Combinational: one activation block (``G*T`` int8) -> ``T`` tables of partial sums.
 
     Entry ``e`` of table ``t`` is ``sum_i p[e][i] * acts[t*G + i]`` with ``p`` the constant
@@ -81,11 +85,18 @@ class TableBuilder(wiring.Component):
                 m.d.comb += self.tables[t][e].eq(total)
         return m
 
+    #: Combinational: the tables of a block the cycle it is presented.
+    latency = 0
+
     def model(self, acts: np.ndarray) -> np.ndarray:
         return numerics.build_tables(acts, self._cfg.code)
 
+    def memory_blocks(self) -> dict[str, float]:
+        """None: adders (the tables are the engine's registers)."""
+        return no_memory()
 
-class ColumnLookup(wiring.Component):
+
+class ColumnLookup(FixedLatency, wiring.Component):
     """Combinational: one output column's ``T`` lookups (sign applied) and their sum."""
 
     def __init__(self, cfg: EngineConfig):
@@ -126,6 +137,34 @@ class ColumnLookup(wiring.Component):
                      for i in range(0, len(terms), 2)]
         m.d.comb += self.sum.eq(terms[0])
         return m
+
+    #: Combinational: the column's sum the cycle its indices are presented.
+    latency = 0
+
+    def model(self, tables, indices) -> int:
+        """``tables[T, entries]`` and one column's ``indices[T]`` -> the sum of its ``T``
+        lookups (``numerics.lookup``, mirror signs applied)."""
+        tables = np.asarray(tables, dtype=np.int64)
+        idx = np.asarray(indices, dtype=np.int64)[:, None]
+        return int(numerics.lookup(tables, idx, self._cfg.code).sum())
+
+    def memory_blocks(self) -> dict[str, float]:
+        """None: LUT multiplexers and an adder tree."""
+        return no_memory()
+
+
+@dataclass(frozen=True)
+class TlmmJob:
+    """A matmul through :class:`TlmmEngine`: ``rows`` activation rows of ``k`` elements
+    against ``n`` output columns, streams never stalling."""
+
+    rows: int
+    k: int
+    n: int
+
+    def __post_init__(self):
+        for name in ("rows", "k", "n"):
+            positive_int(name, getattr(self, name))
 
 
 class TlmmEngine(wiring.Component):
@@ -296,13 +335,21 @@ class TlmmEngine(wiring.Component):
         ``weights[N, K]``; returns int64 ``[M, N]``. Equal to ``numerics.ternary_matmul``."""
         return numerics.tlmm_matmul(acts, weights, self.cfg.code, self.cfg.tables_per_step)
 
-    def expected_cycles(self, m: int, k: int, n: int) -> int:
+    def memory_blocks(self) -> dict[str, float]:
+        """The accumulator memory, ``accumulator_depth`` words of ``C * acc_width`` bits
+        (kv260: 256 x 352 bits, 5 RAMB36 in 512 x 72 mode, as yosys maps it;
+        docs/resources.md)."""
+        cfg = self.cfg
+        return memory_blocks(cfg.columns_per_cycle * cfg.acc_width, cfg.accumulator_depth)
+
+    def expected_cycles(self, job: TlmmJob) -> int:
         """Cycles from the first beat taken to the last result out, with streams that never
         stall: one beat per cycle plus the pipeline latency, plus hazard stalls of tiles
         narrower than 3 groups."""
         cfg = self.cfg
-        k_blocks = cfg.padded_k(k) // cfg.block_k
-        n_groups = cfg.padded_n(n) // cfg.columns_per_cycle
+        m = job.rows
+        k_blocks = cfg.padded_k(job.k) // cfg.block_k
+        n_groups = cfg.padded_n(job.n) // cfg.columns_per_cycle
         cycles = 0
         for start in range(0, n_groups, cfg.accumulator_depth):
             depth = min(cfg.accumulator_depth, n_groups - start)

@@ -24,14 +24,16 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 from amaranth.hdl import Module
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-from trilut.config import DatapathConfig, DdrSimConfig, EngineConfig
-from trilut.hdl.memory.axi import AxiReadMaster
+from trilut.config import DatapathConfig, DdrSimConfig, EngineConfig, sum_memory
+from trilut.hdl.memory.axi import AxiReadMaster, ReadJob
 from trilut.hdl.linear.tlmm_engine import TlmmEngine
 from trilut.hdl.memory.weight_buffer import WeightBuffer
+from trilut.models.checks import positive_int
 
 __all__ = ["WeightFedTlmm", "WeightFedJob", "ENGINE_LATENCY", "ENGINE_HAZARD"]
 
@@ -55,11 +57,6 @@ class WeightFedJob:
     reads: tuple[tuple[int, int], ...]
     tiles: tuple[tuple[int, int], ...]
     ddr: DdrSimConfig
-
-
-def _check_count(name: str, value, low: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an integer of at least {low}, not {value!r}")
 
 
 class WeightFedTlmm(wiring.Component):
@@ -111,13 +108,25 @@ class WeightFedTlmm(wiring.Component):
                      self.error.eq(master.error)]
         return m
 
-    # ---- how long it takes ---------------------------------------------------------------
+    # ---- what it computes, what it costs, how long it takes --------------------------------
+
+    def model(self, acts, weights) -> np.ndarray:
+        """Bit-exact model: the engine's (``TlmmEngine.model``) on ``acts[M, K]`` and the
+        ternary ``weights[N, K]`` whose beats the DDR holds; the read master and the buffer
+        only carry the weight beats, unchanged and in order (their own models)."""
+        return self.engine.model(acts, weights)
+
+    def memory_blocks(self, board=None) -> dict[str, float]:
+        """The children's: the read master's buffer, the weight buffer's banks (on
+        ``board``, URAM when it has them) and the engine's accumulators."""
+        return sum_memory(self.master.memory_blocks(), self.buffer.memory_blocks(board),
+                          self.engine.memory_blocks())
 
     def shape(self, k: int, n: int) -> tuple[int, int]:
         """The engine's ``(k_blocks, n_groups)`` for a ``k`` x ``n`` matmul (checked)."""
         cfg = self.cfg
-        _check_count("k", k)
-        _check_count("n", n)
+        positive_int("k", k)
+        positive_int("n", n)
         cfg.check_shape(k, n)
         return cfg.padded_k(k) // cfg.block_k, cfg.padded_n(n) // cfg.columns_per_cycle
 
@@ -162,8 +171,7 @@ class WeightFedTlmm(wiring.Component):
         cycles later.
         """
         self.check_feed(reads, tiles, ddr, sum(kb * ng for kb, ng in engine_rows))
-        axi = self.master.timing(reads, latency=ddr.latency,
-                                 beats_per_window=ddr.beats_per_window, window=ddr.window)
+        axi = self.master.timing(ReadJob(reads, ddr))
         buf = self.buffer.timing(tiles)
         depth = self.cfg.accumulator_depth
         # The engine's beats in stream order: (engine row, needs the hazard wait, tile depth,
@@ -206,7 +214,7 @@ class WeightFedTlmm(wiring.Component):
         last result beat, inclusive, when no stream stalls (activations always offered)."""
         if not isinstance(job, WeightFedJob):
             raise TypeError(f"job must be a WeightFedJob, not {job!r}")
-        _check_count("rows", job.rows)
+        positive_int("rows", job.rows)
         shape = self.shape(job.k, job.n)
         results = self.timing(job.reads, job.tiles, job.ddr, [shape] * job.rows,
                               lambda row, done: 0)

@@ -27,15 +27,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 from amaranth.hdl import Const, Module, Mux, Signal, unsigned
 from amaranth.lib import data, fifo, stream, wiring
 from amaranth.lib.wiring import In, Out
 
+from trilut.config import AXI_ADDR_WIDTH, DdrSimConfig, memory_blocks
+from trilut.models.checks import int_in_range, power_of_two
+
 __all__ = [
     "BURST_INCR", "RESP_OKAY", "PAGE_BYTES",
     "AxiReadAddressSignature", "AxiReadDataSignature", "AxiReadSignature",
-    "AxiReadMaster", "AxiReadTiming", "check_axi_widths", "split_bursts",
+    "AxiReadMaster", "AxiReadTiming", "ReadJob", "BurstSplitter", "check_axi_widths",
+    "check_master_shape", "split_bursts",
 ]
 
 #: ``arburst`` encoding of an incrementing burst (AXI4 A3.4.1).
@@ -48,23 +53,30 @@ PAGE_BYTES = 4096
 AXI4_MAX_BURST = 256
 
 
-def check_axi_widths(*, data_width, addr_width, id_width) -> None:
-    """Refuse widths that AXI4 (or this implementation) does not allow, quoting the value."""
-    if not (isinstance(data_width, int) and 8 <= data_width <= 1024
-            and data_width & (data_width - 1) == 0):
-        raise ValueError(f"data_width must be a power of two from 8 to 1024 bits (AXI4), "
-                         f"not {data_width!r}")
-    if not (isinstance(addr_width, int) and 12 <= addr_width <= 64):
-        raise ValueError(f"addr_width must be an integer from 12 to 64, not {addr_width!r}")
-    if not (isinstance(id_width, int) and 0 <= id_width <= 16):
-        raise ValueError(f"id_width must be an integer from 0 to 16, not {id_width!r}")
+def check_axi_widths(*, data_width=None, addr_width=None, id_width=None) -> None:
+    """Refuse widths that AXI4 (or this implementation) does not allow, quoting the value;
+    only the widths given are checked (a channel signature has only some of them)."""
+    if data_width is not None:
+        power_of_two("data_width", data_width, 8, 1024, why="bits, AXI4")
+    if addr_width is not None:
+        int_in_range("addr_width", addr_width, 12, 64)
+    if id_width is not None:
+        int_in_range("id_width", id_width, 0, 16)
+
+
+def check_master_shape(*, addr_width: int, length_width: int, max_burst: int,
+                       max_outstanding: int, most_outstanding: int | None = None) -> None:
+    """The command and burst parameters both masters share, checked alike."""
+    int_in_range("length_width", length_width, 1, addr_width, high_name="addr_width")
+    int_in_range("max_burst", max_burst, 1, AXI4_MAX_BURST, why="AXI4 INCR")
+    int_in_range("max_outstanding", max_outstanding, 1, most_outstanding)
 
 
 class AxiReadAddressSignature(wiring.Signature):
     """AXI4 AR channel, master's view. ``arsize``: log2(bytes per beat); ``arlen``: beats - 1."""
 
-    def __init__(self, *, addr_width: int = 40, id_width: int = 0):
-        check_axi_widths(data_width=128, addr_width=addr_width, id_width=id_width)
+    def __init__(self, *, addr_width: int = AXI_ADDR_WIDTH, id_width: int = 0):
+        check_axi_widths(addr_width=addr_width, id_width=id_width)
         self.addr_width = addr_width
         self.id_width = id_width
         members = {
@@ -84,7 +96,7 @@ class AxiReadDataSignature(wiring.Signature):
     """AXI4 R channel, slave's view (the slave drives ``rdata``; the master uses it flipped)."""
 
     def __init__(self, *, data_width: int = 128, id_width: int = 0):
-        check_axi_widths(data_width=data_width, addr_width=40, id_width=id_width)
+        check_axi_widths(data_width=data_width, id_width=id_width)
         self.data_width = data_width
         self.id_width = id_width
         members = {
@@ -102,7 +114,7 @@ class AxiReadDataSignature(wiring.Signature):
 class AxiReadSignature(wiring.Signature):
     """An AXI4 read port, master's view: ``ar`` out, ``r`` in."""
 
-    def __init__(self, *, data_width: int = 128, addr_width: int = 40, id_width: int = 0):
+    def __init__(self, *, data_width: int = 128, addr_width: int = AXI_ADDR_WIDTH, id_width: int = 0):
         check_axi_widths(data_width=data_width, addr_width=addr_width, id_width=id_width)
         self.data_width = data_width
         self.addr_width = addr_width
@@ -127,6 +139,84 @@ def split_bursts(addr: int, length: int, *, bytes_per_beat: int,
         addr += beats * bytes_per_beat
         length -= beats
     return bursts
+
+
+@dataclass(frozen=True)
+class ReadJob:
+    """What :meth:`AxiReadMaster.expected_cycles` needs: the read commands ``(byte address,
+    length in words)``, presented back to back, and the simulated DDR's timing (``ddr``, the
+    board's ``[ddr_sim]``: latency and rate)."""
+
+    commands: tuple[tuple[int, int], ...]
+    ddr: DdrSimConfig
+
+    def __post_init__(self):
+        object.__setattr__(self, "commands", tuple((a, n) for a, n in self.commands))
+        if not isinstance(self.ddr, DdrSimConfig):
+            raise TypeError(f"ddr must be a DdrSimConfig, not {self.ddr!r}")
+
+
+class BurstSplitter:
+    """The command splitter of both AXI masters, built into ``m``: it cuts each command of
+    ``cmd`` (``addr``, ``length`` in words) into INCR bursts exactly as :func:`split_bursts`
+    does and drives the address channel ``channel`` (an AR or AW, member names with
+    ``prefix``: ``arvalid`` / ``awvalid`` ...).
+
+    Registers: ``busy`` (a command is being cut), ``addr`` and ``remaining`` (its next burst's
+    byte address and the words left). ``beats`` is the next burst's length, the smallest of
+    ``remaining``, ``max_burst`` and the words to the next 4 KiB boundary; ``last_burst`` that
+    it ends the command. A burst is issued (``issue``, its AW/AR registered for the next
+    cycle) when ``busy``, the channel's register is free or moving, and
+    ``may_issue(beats)``, the owner's rule (credits, burst slots, queue room). ``cmd.ready``
+    is high when idle, or while the current command's last burst issues (so commands follow
+    each other without a gap on the channel), and ``cmd_hold`` is low; a command of length
+    0 leaves ``busy`` low (``cmd_take`` is its handshake).
+    """
+
+    def __init__(self, m: Module, cmd, channel, prefix: str, *, max_burst: int,
+                 bytes_per_word: int, may_issue, cmd_hold=None):
+        addr_width = len(cmd.payload.addr)
+        size = (bytes_per_word - 1).bit_length()                # log2(bytes per beat)
+        page_words = PAGE_BYTES >> size
+        valid, ready = getattr(channel, f"{prefix}valid"), getattr(channel, f"{prefix}ready")
+
+        self.busy = busy = Signal(name=f"{prefix}_busy")
+        addr = Signal(addr_width, name=f"{prefix}_next_addr")
+        remaining = Signal(len(cmd.payload.length), name=f"{prefix}_remaining")
+        # Words to the next 4 KiB boundary: 1 .. page_words.
+        to_page_end = Signal(range(page_words + 1), name=f"{prefix}_to_page_end")
+        self.beats = beats = Signal(range(AXI4_MAX_BURST + 1), name=f"{prefix}_beats")
+        m.d.comb += to_page_end.eq(page_words - addr[size:12])
+        limit = Mux(to_page_end < max_burst, to_page_end, max_burst)
+        m.d.comb += beats.eq(Mux(remaining < limit, remaining, limit))
+        self.last_burst = last_burst = remaining == beats
+
+        self.issue = issue = Signal(name=f"{prefix}_issue")
+        m.d.comb += issue.eq(busy & (~valid | ready) & may_issue(beats))
+        with m.If(issue):
+            m.d.sync += [
+                valid.eq(1),
+                getattr(channel, f"{prefix}addr").eq(addr),
+                getattr(channel, f"{prefix}len").eq(beats - 1),
+                addr.eq(addr + (beats << size)),
+                remaining.eq(remaining - beats),
+            ]
+            with m.If(last_burst):
+                m.d.sync += busy.eq(0)
+        with m.Elif(ready):
+            m.d.sync += valid.eq(0)
+        m.d.comb += [getattr(channel, f"{prefix}size").eq(size),
+                     getattr(channel, f"{prefix}burst").eq(BURST_INCR)]
+
+        take_ok = ~busy | (issue & last_burst)
+        m.d.comb += cmd.ready.eq(take_ok if cmd_hold is None else take_ok & ~cmd_hold)
+        self.cmd_take = cmd.valid & cmd.ready
+        with m.If(self.cmd_take):
+            m.d.sync += [
+                addr.eq(cmd.payload.addr & ~Const(bytes_per_word - 1, addr_width)),
+                remaining.eq(cmd.payload.length),
+                busy.eq(cmd.payload.length != 0),
+            ]
 
 
 class AxiReadMaster(wiring.Component):
@@ -173,26 +263,17 @@ class AxiReadMaster(wiring.Component):
     split, no burst is in flight and no word is waiting on ``data``.
     """
 
-    def __init__(self, *, data_width: int, max_outstanding: int, addr_width: int = 40,
+    def __init__(self, *, data_width: int, max_outstanding: int, addr_width: int = AXI_ADDR_WIDTH,
                  id_width: int = 0, length_width: int = 24, max_burst: int = AXI4_MAX_BURST,
                  buffer_depth: "int | None" = None):
         check_axi_widths(data_width=data_width, addr_width=addr_width, id_width=id_width)
-        if not (isinstance(length_width, int) and 1 <= length_width <= addr_width):
-            raise ValueError(f"length_width must be an integer from 1 to addr_width "
-                             f"({addr_width}), not {length_width!r}")
-        if not (isinstance(max_burst, int) and 1 <= max_burst <= AXI4_MAX_BURST):
-            raise ValueError(f"max_burst must be an integer from 1 to {AXI4_MAX_BURST} "
-                             f"(AXI4 INCR), not {max_burst!r}")
-        if not (isinstance(max_outstanding, int) and max_outstanding >= 1):
-            raise ValueError(f"max_outstanding must be a positive integer, "
-                             f"not {max_outstanding!r}")
+        check_master_shape(addr_width=addr_width, length_width=length_width,
+                           max_burst=max_burst, max_outstanding=max_outstanding)
         if buffer_depth is None:
             # Two full bursts: one draining while the next one's latency elapses.
             buffer_depth = max(3, 2 * max_burst)
-        if not (isinstance(buffer_depth, int) and buffer_depth >= max(3, max_burst)):
-            raise ValueError(f"buffer_depth must be an integer of at least max(3, max_burst) = "
-                             f"{max(3, max_burst)} (room for one whole burst), "
-                             f"not {buffer_depth!r}")
+        int_in_range("buffer_depth", buffer_depth, max(3, max_burst),
+                     why="max(3, max_burst): room for one whole burst")
         self.data_width = data_width
         self.addr_width = addr_width
         self.id_width = id_width
@@ -217,59 +298,22 @@ class AxiReadMaster(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         ar, r = self.axi.ar, self.axi.r
-        size = (self.bytes_per_word - 1).bit_length()          # log2(bytes per beat)
-        page_words = PAGE_BYTES >> size
 
         m.submodules.buffer = buffer = fifo.SyncFIFOBuffered(
             width=self.data_width, depth=self.buffer_depth)
 
-        # ---- command splitter: (addr, remaining) of the command being cut into bursts --------
-        busy = Signal()
-        addr = Signal(self.addr_width)
-        remaining = Signal(self.length_width)
-        # Words to the next 4 KiB boundary: 1 .. page_words.
-        to_page_end = Signal(range(page_words + 1))
-        beats = Signal(range(AXI4_MAX_BURST + 1))
-        m.d.comb += to_page_end.eq(page_words - addr[size:12])
-        limit = Mux(to_page_end < self.max_burst, to_page_end, self.max_burst)
-        m.d.comb += beats.eq(Mux(remaining < limit, remaining, limit))
-        last_burst = remaining == beats
-
         # Credits: words of buffer space not yet promised to an issued burst.
         credits = Signal(range(self.buffer_depth + 1), init=self.buffer_depth)
         outstanding = Signal(range(self.max_outstanding + 1))
-        ar_free = ~ar.arvalid | ar.arready
         # issue -> cmd.ready is combinational: a 12-bit subtract and three compares. If it
         # misses 250 MHz, register ``beats`` one cycle ahead; nothing else depends on it.
-        issue = Signal()
-        m.d.comb += issue.eq(busy & ar_free & (credits >= beats)
-                             & (outstanding < self.max_outstanding))
-
-        with m.If(issue):
-            m.d.sync += [
-                ar.arvalid.eq(1),
-                ar.araddr.eq(addr),
-                ar.arlen.eq(beats - 1),
-                addr.eq(addr + (beats << size)),
-                remaining.eq(remaining - beats),
-            ]
-            with m.If(last_burst):
-                m.d.sync += busy.eq(0)
-        with m.Elif(ar.arready):
-            m.d.sync += ar.arvalid.eq(0)
-        m.d.comb += [ar.arsize.eq(size), ar.arburst.eq(BURST_INCR)]
+        split = BurstSplitter(m, self.cmd, ar, "ar", max_burst=self.max_burst,
+                              bytes_per_word=self.bytes_per_word,
+                              may_issue=lambda beats: (credits >= beats)
+                              & (outstanding < self.max_outstanding))
+        busy, beats, issue = split.busy, split.beats, split.issue
         if self.id_width:
             m.d.comb += ar.arid.eq(0)
-
-        # The next command is taken while the current one's last burst is issued, so
-        # commands follow each other without a gap on AR.
-        m.d.comb += self.cmd.ready.eq(~busy | (issue & last_burst))
-        with m.If(self.cmd.valid & self.cmd.ready):
-            m.d.sync += [
-                addr.eq(self.cmd.payload.addr & ~Const(self.bytes_per_word - 1, self.addr_width)),
-                remaining.eq(self.cmd.payload.length),
-                busy.eq(self.cmd.payload.length != 0),
-            ]
 
         # ---- R channel into the buffer; credits and the outstanding-burst count ------------
         r_take = r.rvalid & r.rready
@@ -308,7 +352,7 @@ class AxiReadMaster(wiring.Component):
         return words
 
     @staticmethod
-    def beat_cycles(beats: int, *, beats_per_window: int = 1, window: int = 1) -> int:
+    def beat_cycles(beats: int, *, beats_per_window: int, window: int) -> int:
         """Cycles (first to last, inclusive) that ``beats`` R beats take at a sustained
         ``beats_per_window / window``, with the token bucket of ``DdrModel`` starting full."""
         if beats <= 0:
@@ -316,14 +360,13 @@ class AxiReadMaster(wiring.Component):
         # Beat n (0-based) leaves on the first cycle k with floor(((k+1)b - 1) / w) >= n.
         return -(-((beats - 1) * window + 1) // beats_per_window)
 
-    def hides_latency(self, commands: Iterable[tuple[int, int]], *, latency: int,
-                      beats_per_window: int = 1, window: int = 1) -> bool:
-        """True when the buffer and the burst slots keep enough words in flight to cover
-        ``latency`` at ``beats_per_window / window`` beats per cycle for these commands (the
-        condition in the class docstring), so the memory's bandwidth is the only limit and
-        :meth:`expected_cycles` is ``4 + latency + beat_cycles(words)``."""
-        rate = beats_per_window / window
-        beats = [n for addr, length in commands for _, n in self.bursts(addr, length)]
+    def hides_latency(self, job: ReadJob) -> bool:
+        """True when the buffer and the burst slots keep enough words in flight to cover the
+        DDR's latency at its rate for these commands (the condition in the class docstring),
+        so the memory's bandwidth is the only limit and :meth:`expected_cycles` is
+        ``4 + latency + beat_cycles(words)``."""
+        latency, rate = job.ddr.latency, job.ddr.words_per_cycle
+        beats = [n for addr, length in job.commands for _, n in self.bursts(addr, length)]
         if not beats:
             return True
         if self.buffer_depth < max(beats) + math.ceil(rate * (latency + 4)):
@@ -335,19 +378,23 @@ class AxiReadMaster(wiring.Component):
         return all(sum(beats[j + 1:j + 1 + between]) >= need
                    for j in range(len(beats) - self.max_outstanding))
 
-    def timing(self, commands: Iterable[tuple[int, int]], *, latency: int,
-               beats_per_window: int = 1, window: int = 1) -> "AxiReadTiming":
-        """The per-word event model of these commands against a ``DdrModel`` of this
-        latency and rate (:class:`AxiReadTiming`), for a parent that takes the words."""
-        return AxiReadTiming(self, commands, latency=latency,
-                             beats_per_window=beats_per_window, window=window)
+    def timing(self, job: ReadJob) -> "AxiReadTiming":
+        """The per-word event model of the job's commands against its ``DdrModel``
+        (:class:`AxiReadTiming`), for a parent that takes the words."""
+        return AxiReadTiming(self, job.commands, latency=job.ddr.latency,
+                             beats_per_window=job.ddr.beats_per_window, window=job.ddr.window)
 
-    def expected_cycles(self, commands: Iterable[tuple[int, int]], *, latency: int,
-                        beats_per_window: int = 1, window: int = 1) -> int:
+    def memory_blocks(self) -> dict[str, float]:
+        """The data buffer (``buffer_depth`` words of ``data_width`` bits; a
+        ``SyncFIFOBuffered`` keeps ``buffer_depth - 1`` of them in its memory):
+        :func:`trilut.config.memory_blocks`. Default kv260 build: 2 RAMB36 (docs/memory.md)."""
+        return memory_blocks(self.data_width, self.buffer_depth - 1)
+
+    def expected_cycles(self, job: ReadJob) -> int:
         """Cycles from the first command taken to the last word out, inclusive, for commands
         presented back to back with ``data`` never stalled, against a memory that answers
-        ``latency`` cycles after each AR and then streams ``beats_per_window`` beats every
-        ``window`` cycles (``trilut.sim.ddr_model.DdrModel``, its AR queue at least
+        ``job.ddr.latency`` cycles after each AR and then streams ``beats_per_window`` beats
+        every ``window`` cycles (``trilut.sim.ddr_model.DdrModel``, its AR queue at least
         ``max_outstanding`` deep).
 
         Exact, from :class:`AxiReadTiming` (every word taken as soon as it is offered): 2
@@ -355,8 +402,7 @@ class AxiReadMaster(wiring.Component):
         beats at the memory's rate, and, when the latency is not hidden
         (:meth:`hides_latency` false), the waits for a burst slot or buffer credits.
         """
-        model = self.timing(commands, latency=latency, beats_per_window=beats_per_window,
-                            window=window)
+        model = self.timing(job)
         last = None
         for k in range(model.words):
             last = model.offered(k)
@@ -392,13 +438,10 @@ class AxiReadTiming:
     AR_QUEUE_DEPTH = 8
 
     def __init__(self, master: AxiReadMaster, commands: Iterable[tuple[int, int]], *,
-                 latency: int, beats_per_window: int = 1, window: int = 1):
-        if not (isinstance(latency, int) and latency >= 2):
-            raise ValueError(f"latency must be an integer of at least 2 cycles, not {latency!r}")
-        if not (isinstance(window, int) and window >= 1
-                and isinstance(beats_per_window, int) and 1 <= beats_per_window <= window):
-            raise ValueError(f"the DDR rate must be 1 <= beats_per_window <= window, not "
-                             f"{beats_per_window!r} / {window!r}")
+                 latency: int, beats_per_window: int, window: int):
+        int_in_range("latency", latency, 2, why="cycles")
+        int_in_range("window", window, 1)
+        int_in_range("beats_per_window", beats_per_window, 1, window, high_name="window")
         if master.max_outstanding > self.AR_QUEUE_DEPTH:
             raise ValueError(f"max_outstanding {master.max_outstanding} exceeds the DDR "
                              f"model's AR queue ({self.AR_QUEUE_DEPTH}): AR would stall, "

@@ -19,6 +19,7 @@ from amaranth.lib.wiring import In, Out
 
 from trilut.config import DdrSimConfig
 from trilut.hdl.memory.axi import AxiReadMaster, AxiReadSignature, check_axi_widths
+from trilut.models.checks import int_in_range
 
 __all__ = ["AxiReadArbiter", "AxiReadArbiterJob", "ArbiterSchedule", "MAX_PORTS"]
 
@@ -83,10 +84,8 @@ class AxiReadArbiter(wiring.Component):
     """
 
     def __init__(self, *, ports: int, data_width: int, addr_width: int):
-        if isinstance(ports, bool) or not isinstance(ports, int) or not 2 <= ports <= MAX_PORTS:
-            raise ValueError(f"ports must be an integer from 2 to {MAX_PORTS} (one AXI ID per "
-                             f"port, at most {MAX_PORTS.bit_length() - 1} ID bits), "
-                             f"not {ports!r}")
+        int_in_range("ports", ports, 2, MAX_PORTS,
+                     why=f"one AXI ID per port, at most {MAX_PORTS.bit_length() - 1} ID bits")
         id_width = max(1, (ports - 1).bit_length())
         check_axi_widths(data_width=data_width, addr_width=addr_width, id_width=id_width)
         self.ports = ports

@@ -16,13 +16,16 @@ directions as seen by the *master* (flip them for a slave), mirroring ``axi.py``
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 from amaranth.hdl import Const, Module, Mux, Signal, unsigned
 from amaranth.lib import data, fifo, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from trilut.hdl.memory.axi import (AXI4_MAX_BURST, BURST_INCR, PAGE_BYTES, RESP_OKAY,
-                                   check_axi_widths, split_bursts)
+from trilut.config import memory_blocks, sum_memory
+from trilut.models.checks import int_in_range
+from trilut.hdl.memory.axi import (AXI4_MAX_BURST, RESP_OKAY, BurstSplitter,
+                                   check_axi_widths, check_master_shape, split_bursts)
 
 __all__ = ["AxiWriteAddressSignature", "AxiWriteDataSignature", "AxiWriteResponseSignature",
            "AxiWriteSignature", "AxiWriteMaster", "WriteJob"]
@@ -32,7 +35,7 @@ class AxiWriteAddressSignature(wiring.Signature):
     """AXI4 AW channel, master's view. ``awsize``: log2(bytes per beat); ``awlen``: beats - 1."""
 
     def __init__(self, *, addr_width: int, id_width: int = 0):
-        check_axi_widths(data_width=128, addr_width=addr_width, id_width=id_width)
+        check_axi_widths(addr_width=addr_width, id_width=id_width)
         members = {
             "awaddr": Out(addr_width),
             "awlen": Out(8),
@@ -50,7 +53,7 @@ class AxiWriteDataSignature(wiring.Signature):
     """AXI4 W channel, master's view: one ``wstrb`` bit per data byte."""
 
     def __init__(self, *, data_width: int):
-        check_axi_widths(data_width=data_width, addr_width=40, id_width=0)
+        check_axi_widths(data_width=data_width)
         super().__init__({
             "wdata": Out(data_width),
             "wstrb": Out(data_width // 8),
@@ -64,7 +67,7 @@ class AxiWriteResponseSignature(wiring.Signature):
     """AXI4 B channel, slave's view (the slave drives ``bresp``; the master uses it flipped)."""
 
     def __init__(self, *, id_width: int = 0):
-        check_axi_widths(data_width=128, addr_width=40, id_width=id_width)
+        check_axi_widths(id_width=id_width)
         members = {"bresp": Out(2), "bvalid": Out(1), "bready": In(1)}
         if id_width:
             members["bid"] = Out(id_width)
@@ -86,28 +89,28 @@ class AxiWriteSignature(wiring.Signature):
         })
 
 
+@dataclass(frozen=True)
 class WriteJob:
     """What :meth:`AxiWriteMaster.expected_cycles` needs: the commands ``(byte address,
     words)`` in order, and the memory's write timing (``DdrModel``): W beats accepted at
     ``beats_per_window`` per ``window`` cycles, the B response ``b_latency`` cycles after a
     burst's last W beat."""
 
-    __slots__ = ("commands", "beats_per_window", "window", "b_latency")
+    commands: tuple[tuple[int, int], ...]
+    beats_per_window: int
+    window: int
+    b_latency: int
 
-    def __init__(self, commands: Iterable[tuple[int, int]], *, beats_per_window: int,
-                 window: int, b_latency: int):
-        self.commands = tuple((int(a), int(n)) for a, n in commands)
-        if not self.commands or any(n < 1 for _, n in self.commands):
+    def __post_init__(self):
+        commands = tuple((int(a), int(n)) for a, n in self.commands)
+        object.__setattr__(self, "commands", commands)
+        if not commands or any(n < 1 for _, n in commands):
             raise ValueError(f"a write job needs commands of at least one word each, "
-                             f"not {self.commands!r}")
-        if not 1 <= beats_per_window <= window:
-            raise ValueError(f"beats_per_window must be from 1 to window ({window}), "
-                             f"not {beats_per_window!r}")
-        if b_latency < 1:
-            raise ValueError(f"b_latency must be at least 1 cycle, not {b_latency!r}")
-        self.beats_per_window = beats_per_window
-        self.window = window
-        self.b_latency = b_latency
+                             f"not {commands!r}")
+        int_in_range("window", self.window, 1)
+        int_in_range("beats_per_window", self.beats_per_window, 1, self.window,
+                     high_name="window")
+        int_in_range("b_latency", self.b_latency, 1, why="cycles")
 
 
 class AxiWriteMaster(wiring.Component):
@@ -142,15 +145,9 @@ class AxiWriteMaster(wiring.Component):
     def __init__(self, *, data_width: int, addr_width: int, length_width: int = 24,
                  max_burst: int = AXI4_MAX_BURST, max_outstanding: int):
         check_axi_widths(data_width=data_width, addr_width=addr_width, id_width=0)
-        if not (isinstance(length_width, int) and 1 <= length_width <= addr_width):
-            raise ValueError(f"length_width must be an integer from 1 to addr_width "
-                             f"({addr_width}), not {length_width!r}")
-        if not (isinstance(max_burst, int) and 1 <= max_burst <= AXI4_MAX_BURST):
-            raise ValueError(f"max_burst must be an integer from 1 to {AXI4_MAX_BURST} "
-                             f"(AXI4 INCR), not {max_burst!r}")
-        if not (isinstance(max_outstanding, int) and 1 <= max_outstanding <= 64):
-            raise ValueError(f"max_outstanding must be an integer from 1 to 64, "
-                             f"not {max_outstanding!r}")
+        check_master_shape(addr_width=addr_width, length_width=length_width,
+                           max_burst=max_burst, max_outstanding=max_outstanding,
+                           most_outstanding=64)
         self.data_width = data_width
         self.addr_width = addr_width
         self.length_width = length_width
@@ -174,59 +171,25 @@ class AxiWriteMaster(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         aw, w, b = self.axi.aw, self.axi.w, self.axi.b
-        size = (self.bytes_per_word - 1).bit_length()
-        page_words = PAGE_BYTES >> size
         slots = self.max_outstanding
-
-        # ---- command splitter -------------------------------------------------------------
-        busy = Signal()
-        addr = Signal(self.addr_width)
-        remaining = Signal(self.length_width)
-        to_page_end = Signal(range(page_words + 1))
-        beats = Signal(range(AXI4_MAX_BURST + 1))
-        m.d.comb += to_page_end.eq(page_words - addr[size:12])
-        limit = Mux(to_page_end < self.max_burst, to_page_end, self.max_burst)
-        m.d.comb += beats.eq(Mux(remaining < limit, remaining, limit))
-        last_burst = remaining == beats
 
         # Bursts issued whose B has not come back; the W side's queue of burst lengths (and
         # whether each is its command's last) and the B side's queue of "last" marks.
         outstanding = Signal(range(slots + 1))
         m.submodules.w_queue = w_queue = fifo.SyncFIFOBuffered(width=9, depth=slots)
         m.submodules.b_queue = b_queue = fifo.SyncFIFOBuffered(width=1, depth=slots)
-        aw_free = ~aw.awvalid | aw.awready
-        issue = Signal()
-        m.d.comb += issue.eq(busy & aw_free & (outstanding < slots)
-                             & w_queue.w_rdy & b_queue.w_rdy)
-        with m.If(issue):
-            m.d.sync += [
-                aw.awvalid.eq(1),
-                aw.awaddr.eq(addr),
-                aw.awlen.eq(beats - 1),
-                addr.eq(addr + (beats << size)),
-                remaining.eq(remaining - beats),
-            ]
-            with m.If(last_burst):
-                m.d.sync += busy.eq(0)
-        with m.Elif(aw.awready):
-            m.d.sync += aw.awvalid.eq(0)
-        m.d.comb += [aw.awsize.eq(size), aw.awburst.eq(BURST_INCR),
-                     w_queue.w_data.eq(beats - 1), w_queue.w_en.eq(issue),
-                     b_queue.w_data.eq(last_burst), b_queue.w_en.eq(issue)]
-
         # A zero-length command completes without a burst: it waits its turn behind the
         # bursts already issued (a "last" mark with no burst would reorder the completions,
         # so it is only taken when nothing is outstanding).
         empty_cmd = self.cmd.payload.length == 0
-        m.d.comb += self.cmd.ready.eq((~busy | (issue & last_burst))
-                                      & ~(empty_cmd & (outstanding != 0)))
-        cmd_take = self.cmd.valid & self.cmd.ready
-        with m.If(cmd_take):
-            m.d.sync += [
-                addr.eq(self.cmd.payload.addr & ~Const(self.bytes_per_word - 1, self.addr_width)),
-                remaining.eq(self.cmd.payload.length),
-                busy.eq(~empty_cmd),
-            ]
+        split = BurstSplitter(m, self.cmd, aw, "aw", max_burst=self.max_burst,
+                              bytes_per_word=self.bytes_per_word,
+                              may_issue=lambda beats: (outstanding < slots)
+                              & w_queue.w_rdy & b_queue.w_rdy,
+                              cmd_hold=empty_cmd & (outstanding != 0))
+        busy, issue, cmd_take = split.busy, split.issue, split.cmd_take
+        m.d.comb += [w_queue.w_data.eq(split.beats - 1), w_queue.w_en.eq(issue),
+                     b_queue.w_data.eq(split.last_burst), b_queue.w_en.eq(issue)]
 
         # ---- W: the data words, burst by burst --------------------------------------------
         beat = Signal(8)
@@ -288,6 +251,12 @@ class AxiWriteMaster(wiring.Component):
         if at != len(words):
             raise ValueError(f"{len(words)} data words for commands of {at} words")
         return memory
+
+    def memory_blocks(self) -> dict[str, float]:
+        """The two queues of ``max_outstanding`` entries (9 and 1 bits): LUT RAM up to 64
+        (``trilut.config.memory_blocks``)."""
+        return sum_memory(memory_blocks(9, self.max_outstanding - 1),
+                          memory_blocks(1, self.max_outstanding - 1))
 
     def expected_cycles(self, job: WriteJob, *, word_offer=None) -> int:
         """Cycles from the first ``cmd`` beat taken to the last ``done`` beat out, inclusive,

@@ -13,6 +13,7 @@ puts both in a single URAM288 depth: half the URAM. See ``docs/weight_buffer.md`
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from amaranth.hdl import Cat, Module, Mux, Signal, unsigned
 from amaranth.lib import data, stream, wiring
@@ -22,18 +23,26 @@ from amaranth.utils import ceil_log2
 
 # The block-memory count is the config's (one count for the fit check and this block);
 # BRAM36_SHAPES is re-exported for callers that imported it from here.
-from trilut.config import (BRAM36_SHAPES, BoardConfig, EngineConfig,
+from trilut.config import (BRAM36_SHAPES, MAX_REPLAYS, BoardConfig, EngineConfig,
                            uram_cascade, uram_columns, weight_buffer_blocks,
                            weight_buffer_depth)
 # The engine's weight-beat layout, so that ``wiring.connect(m, buffer.beats, engine.weights)``
 # accepts the pair: one definition of the beat's field order.
 from trilut.hdl.linear.tlmm_engine import weight_beat_layout
+from trilut.models.checks import positive_int
 
-__all__ = ["WeightBuffer", "WeightBufferTiming", "BRAM36_SHAPES"]
+__all__ = ["WeightBuffer", "WeightBufferJob", "WeightBufferTiming", "BRAM36_SHAPES"]
 
-def _positive_int(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, not {value!r}")
+
+@dataclass(frozen=True)
+class WeightBufferJob:
+    """The tile commands ``(length, replays)`` :class:`WeightBuffer` takes, in order, its
+    commands and words always offered and its beats always taken."""
+
+    tiles: tuple[tuple[int, int], ...]
+
+    def __post_init__(self):
+        object.__setattr__(self, "tiles", tuple(tuple(t) for t in self.tiles))
 
 
 class WeightBuffer(wiring.Component):
@@ -77,12 +86,12 @@ class WeightBuffer(wiring.Component):
     """
 
     def __init__(self, cfg: EngineConfig, *, tile_beats: int, word_bits: int,
-                 max_replays: int = 65535, one_memory: bool = False):
+                 max_replays: int = MAX_REPLAYS, one_memory: bool = False):
         if not isinstance(cfg, EngineConfig):
             raise TypeError(f"cfg must be an EngineConfig, not {cfg!r}")
-        _positive_int("tile_beats", tile_beats)
-        _positive_int("word_bits", word_bits)
-        _positive_int("max_replays", max_replays)
+        positive_int("tile_beats", tile_beats)
+        positive_int("word_bits", word_bits)
+        positive_int("max_replays", max_replays)
         if not isinstance(one_memory, bool):
             raise ValueError(f"one_memory must be True or False, not {one_memory!r}")
         self.cfg = cfg
@@ -293,7 +302,7 @@ class WeightBuffer(wiring.Component):
             out += tile * replays
         return out
 
-    def expected_cycles(self, tiles: Sequence[tuple[int, int]]) -> int:
+    def expected_cycles(self, job: WeightBufferJob) -> int:
         """Cycles from the first command taken to the last beat out, inclusive, when commands
         and words are always offered and beats always taken.
 
@@ -309,6 +318,7 @@ class WeightBuffer(wiring.Component):
         :class:`WeightBufferTiming` is the same timing beat by beat, for a parent whose words
         and beats come and go at their own pace.
         """
+        tiles = job.tiles
         for length, replays in tiles:
             self._check_tile(length, replays)
         if not tiles:
