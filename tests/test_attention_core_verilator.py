@@ -28,6 +28,7 @@ from trilut.models.numerics import lane_beats
 FP16 = fp.FP16
 WORD_BITS = 128
 DEPTH = 4096                                      # 128-bit words: 64 KiB
+B_LATENCY = 4                                     # the DDR model's write response
 
 #: name -> (lanes, head_dim, n_pe, DDR latency, beats per window, window).
 CONFIGS = {
@@ -36,7 +37,7 @@ CONFIGS = {
 }
 #: (heads, kv_heads, layer, prefill chunks as (tokens, plain)); then DECODE_STEPS decodes.
 LAYOUTS = [(4, 4, 0, [(6, False)]), (4, 2, 1, [(5, False), (3, True)]),
-           (4, 1, 2, [(7, False)])]
+           (4, 1, 2, [(8, False)])]
 DECODE_STEPS = 8
 
 
@@ -96,7 +97,7 @@ def _jobs(core, rng):
         for i, (tokens, plain) in enumerate(chunks):
             job = CoreJob(lay, layer=layer, start=start, tokens=tokens, heads=heads,
                           kv_heads=kv_heads, prefill=True, plain=plain)
-            stall = 0.0 if (kv_heads == heads and i == 0) else 0.3
+            stall = 0.0 if (kv_heads == heads or plain) else 0.3
             out.append((f"{tag}-prefill{start}+{tokens}", job, _codes(rng, (heads, tokens, d)),
                         _codes(rng, (tokens, kv_heads, d)), _codes(rng, (tokens, kv_heads, d)),
                         stall))
@@ -120,14 +121,14 @@ def test_prefill_then_decode_from_the_cache_bit_exact(name, tmp_path):
 
     lanes, d, n_pe, latency, b, w = CONFIGS[name]
     core = _core(lanes, d, n_pe)
+    ddr_timing = DdrSimConfig(latency=latency, beats_per_window=b, window=w)
     ddr = DdrModel(depth=DEPTH, data_width=WORD_BITS, addr_width=40, write=True,
-                   ddr=DdrSimConfig(latency=latency, beats_per_window=b, window=w),
-                   b_latency=4)
+                   ddr=ddr_timing, b_latency=B_LATENCY)
     rng = np.random.default_rng(sum(map(ord, name)))
     initial = {a: int.from_bytes(rng.bytes(WORD_BITS // 8), "little") for a in range(DEPTH)}
     level2 = Level2Cache(core.layout)
     model_memory = dict(initial)
-    phases, timed = [], set()
+    phases, timed = [], {}
     for seed, (label, job, q, k_new, v_new, stall) in enumerate(_jobs(core, rng)):
         expected, k, v = level2.step(job, q, k_new, v_new, lanes)
         model_memory, model_out = core.model(model_memory, job, q, k_new, v_new)
@@ -139,11 +140,12 @@ def test_prefill_then_decode_from_the_cache_bit_exact(name, tmp_path):
             streams = att.decode_streams(q, k, v, position=job.start, lanes=lanes,
                                          out=expected)
         kv_new = lane_beats(np.concatenate([k_new.reshape(-1, d), v_new.reshape(-1, d)]), lanes)
-        if not stall:
-            timed.add(label)
+        cycles = None if stall else core.expected_cycles(job, ddr_timing, b_latency=B_LATENCY)
+        timed[label] = cycles
         phases.append(StreamPhase(
             name=label, inputs={"kv_new": kv_new, "q": streams["q"]},
             expected={"out": streams["out"]}, scalars=core.scalars(job), stall=stall,
+            expected_cycles=cycles,
             seed=seed, flags={"idle": 1}, settle_cycles=20, timeout_cycles=200_000))
     final = level2.memory(initial, WORD_BITS)
     assert final == model_memory
@@ -155,8 +157,10 @@ def test_prefill_then_decode_from_the_cache_bit_exact(name, tmp_path):
                                                         "error", "r_stalled")),
         name=f"attention_core_{name.replace('-', '_')}", run_dir=tmp_path)
     for result in results:
-        if result.name in timed:
-            print(f"{name} {result.name}: {result.cycles} cycles")
+        if timed.get(result.name) is not None:
+            print(f"{name} {result.name}: {result.cycles} cycles "
+                  f"(expected {timed[result.name]})")
+            assert result.cycles == timed[result.name], result.name
 
 
 # --------------------------------------------------------------------------------------------

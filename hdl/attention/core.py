@@ -14,6 +14,7 @@ For one decode step or one prefill chunk of one layer, the core
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,11 +22,13 @@ from amaranth.hdl import Module, Mux, Signal
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
+from trilut.config import DdrSimConfig
 from trilut.hdl.attention.decode import DecodeAttention, DecodeJob
+from trilut.hdl.attention.fp32 import Fp32Mul
 from trilut.hdl.attention.kv_writer import KvCacheWriter, KvWriteJob
-from trilut.hdl.attention.prefill import PrefillAttention, PrefillJob
+from trilut.hdl.attention.prefill import PrefillAttention, PrefillJob, prefill_batches
 from trilut.hdl.elementwise.lanes import lane_signature
-from trilut.hdl.memory.axi import AxiReadMaster
+from trilut.hdl.memory.axi import AxiReadMaster, ReadJob
 from trilut.models.checks import int_in_range, positive_int
 from trilut.models.kv_cache import KvLayout
 
@@ -217,6 +220,132 @@ class AttentionCore(wiring.Component):
                        .reshape(kv_heads, lay.max_context, lay.head_dim))
         return out[0], out[1]
 
+    def expected_cycles(self, job: CoreJob, ddr: DdrSimConfig, *, b_latency: int) -> int:
+        """Cycles from the first ``kv_new`` beat taken to the last ``out`` beat, inclusive,
+        with ``kv_new`` and ``q`` always offered and ``out`` never stalled, against a
+        ``DdrModel`` of timing ``ddr`` (reads and writes) and write response ``b_latency``.
+
+        Composed from the children's models (cycle 0: the first ``kv_new`` beat; the K job
+        was taken on cycle -1):
+
+        * writes: ``KvCacheWriter.expected_cycles`` of the K job; the V job is taken the
+          cycle after the last K ``done`` + 1, and runs its own ``expected_cycles``;
+        * reads: the commands are presented back to back from 3 cycles after the last V
+          ``done`` (``q`` is offered to the unit from 2 cycles after it);
+          ``AxiReadTiming`` gives each word's offer given the unit's takes; the gearbox
+          offers a word's lane beats one a cycle;
+        * the unit: its datapath moves on one enable, so its input demands have fixed
+          enabled-cycle offsets (:meth:`_decode_demands`, :meth:`_prefill_demands`, from the
+          units' schedules); a demand is served on the first cycle at least its offset after
+          the previous one where its beat is offered; the rest runs without a stall
+          (decode: ``DecodeAttention.expected_cycles``; prefill: its result recurrence,
+          ``PrefillAttention.expected_cycles``'s, in real cycles).
+        """
+        self.check_job(job)
+        k_job, v_job = job.write_jobs(beats_per_window=ddr.beats_per_window,
+                                      window=ddr.window, b_latency=b_latency)
+        last_k_done = -1 + self.writer.expected_cycles(k_job) - 1
+        last_v_done = last_k_done + 1 + self.writer.expected_cycles(v_job) - 1
+        q_from, r0 = last_v_done + 2, last_v_done + 3
+        timing = self.reader.timing(ReadJob(job.read_commands(self.word_bits // 8, self.n_pe),
+                                            ddr))
+        parts = self.word_bits // (16 * self.lanes)
+        taken = []                                           # beat -> cycle taken
+
+        def beat_offer(i):
+            if i % parts:
+                return taken[-1] + 1
+            return r0 + timing.offered(i // parts)
+
+        if job.prefill:
+            demands, q_from = self._prefill_demands(job), q_from + 1   # idle -> preload
+        else:
+            demands = self._decode_demands(job)
+        times = []                                           # (enabled cycle, real cycle)
+        for e, needs_q, beat in demands:
+            t = times[-1][1] + e - times[-1][0] if times else q_from
+            if needs_q:
+                t = max(t, q_from)
+            if beat is not None:
+                t = max(t, beat_offer(beat))
+                taken.append(t)
+                if beat % parts == parts - 1:
+                    timing.take(beat // parts, t - r0)
+            times.append((e, t))
+        enabled = [e for e, _ in times]
+
+        def real(e):
+            """The cycle enabled cycle ``e`` runs on: after the last demand at or before it,
+            the datapath runs without stalls."""
+            i = bisect.bisect_right(enabled, e) - 1
+            return times[i][1] + e - times[i][0]
+
+        if not job.prefill:
+            return real(self.decode.expected_cycles(job.unit_job) - 1) + 1
+        unit, uj = self.prefill, job.unit_job
+        B, P = unit.beats, unit.period(uj)
+        batches = prefill_batches(uj, self.n_pe)
+        v0 = batches[0][2] * uj.group * B + unit.pv_offset
+        finish_delay = 1 + unit.finish_wait + Fp32Mul.latency
+        keys_done, last_issue = 0, -1
+        for _, _, queries, keys in batches:
+            keys_done += keys
+            beats = queries * uj.group * B
+            written = real(v0 + keys_done * P + beats - 1 + finish_delay)
+            last_issue = max(written + 1, last_issue + 1) + beats - 1
+        return last_issue + 2
+
+    def _decode_demands(self, job: CoreJob) -> list[tuple[int, bool, int | None]]:
+        """The decode unit's input demands ``(enabled cycle, q, beat of the read stream or
+        None)``: per KV head the score pass (``q`` at position 0, ``k`` at head 0 of the
+        group), the drain, the value pass (``v`` at head 0, the empty slots before each later
+        position), its drain (``DecodeAttention``'s schedule)."""
+        unit, uj = self.decode, job.unit_job
+        n, B, P = uj.group, unit.beats, job.start
+        out, e, beat = [], 0, 0
+        for _ in range(uj.kv_heads):
+            for j in range(P + 1):
+                for h in range(n):
+                    for _ in range(B):
+                        if j == 0 or h == 0:
+                            out.append((e, j == 0, beat if h == 0 else None))
+                            beat += h == 0
+                        e += 1
+            e += unit.score_latency - B + 2
+            for j in range(P + 1):
+                if j:
+                    e += unit.slots_per_position(n) - n * B
+                for h in range(n):
+                    for _ in range(B):
+                        if h == 0:
+                            out.append((e, False, beat))
+                            beat += 1
+                        e += 1
+            e += unit._o_done
+        return out
+
+    def _prefill_demands(self, job: CoreJob) -> list[tuple[int, bool, int | None]]:
+        """The prefill unit's input demands: the first batch's ``q`` beats (the preload),
+        then per key of every batch a period of ``P`` cycles whose first ``2 B`` take the
+        key's ``kv`` beats, and whose first ``next_beats`` take the next batch's ``q`` during
+        a batch's first key (``PrefillAttention``'s schedule)."""
+        unit, uj = self.prefill, job.unit_job
+        B, P = unit.beats, unit.period(uj)
+        batches = prefill_batches(uj, self.n_pe)
+        f0 = batches[0][2] * uj.group * B
+        out = [(e, True, None) for e in range(f0)]
+        e, beat = f0, 0
+        for i, (_, _, _, keys) in enumerate(batches):
+            next_beats = batches[i + 1][2] * uj.group * B if i + 1 < len(batches) else 0
+            for j in range(keys):
+                for tau in range(P):
+                    needs_kv, needs_q = tau < 2 * B, j == 0 and tau < next_beats
+                    if needs_kv or needs_q:
+                        out.append((e, needs_q, beat if needs_kv else None))
+                        beat += needs_kv
+                    e += 1
+        return out
+
     def memory_blocks(self) -> dict[str, float]:
         """The children's block memories, summed (the decode unit's scores in block RAM:
         ``uram=False``)."""
@@ -255,7 +384,7 @@ class AttentionCore(wiring.Component):
         k_layer = Signal(self.addr_width, name="k_layer_base")
         v_layer = Signal(self.addr_width, name="v_layer_base")
         jobs_sent = Signal(range(3), name="jobs_sent")
-        dones_left = Signal(range(2 * ctx * H + 1), name="dones_left")
+        dones_left = Signal(range(ctx * H + 1), name="dones_left")
         out_left = Signal(range(ctx * self.max_heads * B + 1), name="out_left")
 
         done_now = writer.done.valid                  # ``done`` is always ready
@@ -267,18 +396,21 @@ class AttentionCore(wiring.Component):
             m.d.sync += [state.eq(WRITE), prefill.eq(self.mode == PREFILL), jobs_sent.eq(0),
                          k_layer.eq(lay.k_base + self.layer * lay.layer_stride),
                          v_layer.eq(lay.v_base + self.layer * lay.layer_stride),
-                         dones_left.eq(2 * self.tokens * self.kv_heads),
                          out_left.eq(self.heads * self.tokens * B)]
 
         # ---- writes: the K job, the V job, every done -----------------------------------------
         job = writer.job
-        m.d.comb += [job.valid.eq((state == WRITE) & (jobs_sent != 2)),
+        # The V job waits for every K row's ``done``: each job then runs as
+        # ``KvCacheWriter.expected_cycles`` says (its commands back to back), which makes the
+        # core's cycles composable (docs/attention_core.md: it costs one write round trip).
+        m.d.comb += [job.valid.eq((state == WRITE) & (jobs_sent != 2) & (dones_left == 0)),
                      job.payload.base.eq(Mux(jobs_sent == 0, k_layer, v_layer)),
                      job.payload.position.eq(self.start),
                      job.payload.positions.eq(self.tokens),
                      job.payload.heads.eq(self.kv_heads)]
         with m.If(job.valid & job.ready):
-            m.d.sync += jobs_sent.eq(jobs_sent + 1)
+            m.d.sync += [jobs_sent.eq(jobs_sent + 1),
+                         dones_left.eq(self.tokens * self.kv_heads)]
         m.d.comb += [writer.x.payload.eq(self.kv_new.payload),
                      writer.x.valid.eq(self.kv_new.valid & (state == WRITE)),
                      self.kv_new.ready.eq(writer.x.ready & (state == WRITE)),
@@ -370,9 +502,10 @@ class AttentionCore(wiring.Component):
         busy = state != IDLE
         m.d.comb += [
             pre.q.payload.eq(self.q.payload), dec.q.payload.eq(self.q.payload),
-            pre.q.valid.eq(self.q.valid & busy & prefill),
-            dec.q.valid.eq(self.q.valid & busy & ~prefill),
-            self.q.ready.eq(busy & Mux(prefill, pre.q.ready, dec.q.ready)),
+            # q only once the reads start: the unit's cycles then count from a known point.
+            pre.q.valid.eq(self.q.valid & reading & prefill),
+            dec.q.valid.eq(self.q.valid & reading & ~prefill),
+            self.q.ready.eq(reading & Mux(prefill, pre.q.ready, dec.q.ready)),
             self.out.payload.eq(Mux(prefill, pre.out.payload, dec.out.payload)),
             self.out.valid.eq(busy & Mux(prefill, pre.out.valid, dec.out.valid)),
             pre.out.ready.eq(self.out.ready & busy & prefill),
