@@ -87,7 +87,7 @@ class Level2Cache:
         return memory
 
 
-def _jobs(core, rng):
+def _jobs(core, rng, ddr=None):
     """Every job of the run, in order: (label, job, q, k_new, v_new, stall)."""
     lay, d = core.layout, core.layout.head_dim
     out = []
@@ -96,7 +96,8 @@ def _jobs(core, rng):
         start = 0
         for i, (tokens, plain) in enumerate(chunks):
             job = CoreJob(lay, layer=layer, start=start, tokens=tokens, heads=heads,
-                          kv_heads=kv_heads, prefill=True, plain=plain)
+                          kv_heads=kv_heads, prefill=True, plain=plain, ddr=ddr,
+                          b_latency=B_LATENCY)
             stall = 0.0 if (kv_heads == heads or plain) else 0.3
             out.append((f"{tag}-prefill{start}+{tokens}", job, _codes(rng, (heads, tokens, d)),
                         _codes(rng, (tokens, kv_heads, d)), _codes(rng, (tokens, kv_heads, d)),
@@ -104,7 +105,7 @@ def _jobs(core, rng):
             start += tokens
         for step in range(DECODE_STEPS):
             job = CoreJob(lay, layer=layer, start=start, tokens=1, heads=heads,
-                          kv_heads=kv_heads, prefill=False)
+                          kv_heads=kv_heads, prefill=False, ddr=ddr, b_latency=B_LATENCY)
             stall = 0.0 if step == DECODE_STEPS - 1 else 0.3
             out.append((f"{tag}-decode{start}", job, _codes(rng, (heads, 1, d), 2.0),
                         _codes(rng, (1, kv_heads, d)), _codes(rng, (1, kv_heads, d)), stall))
@@ -129,7 +130,7 @@ def test_prefill_then_decode_from_the_cache_bit_exact(name, tmp_path):
     level2 = Level2Cache(core.layout)
     model_memory = dict(initial)
     phases, timed = [], {}
-    for seed, (label, job, q, k_new, v_new, stall) in enumerate(_jobs(core, rng)):
+    for seed, (label, job, q, k_new, v_new, stall) in enumerate(_jobs(core, rng, ddr_timing)):
         expected, k, v = level2.step(job, q, k_new, v_new, lanes)
         model_memory, model_out = core.model(model_memory, job, q, k_new, v_new)
         np.testing.assert_array_equal(model_out, expected)          # the composed model
@@ -140,7 +141,7 @@ def test_prefill_then_decode_from_the_cache_bit_exact(name, tmp_path):
             streams = att.decode_streams(q, k, v, position=job.start, lanes=lanes,
                                          out=expected)
         kv_new = lane_beats(np.concatenate([k_new.reshape(-1, d), v_new.reshape(-1, d)]), lanes)
-        cycles = None if stall else core.expected_cycles(job, ddr_timing, b_latency=B_LATENCY)
+        cycles = None if stall else core.expected_cycles(job)
         timed[label] = cycles
         phases.append(StreamPhase(
             name=label, inputs={"kv_new": kv_new, "q": streams["q"]},
@@ -203,6 +204,13 @@ def test_read_commands_follow_the_units_stream_orders():
     keys = [0, 1, 2, 3, 4, 0, 1, 2]
     assert pre.read_commands(16, 2) == [(lay.address(kind, 0, 0, j), 4)
                                         for j in keys for kind in ("k", "v")]
+    with pytest.raises(ValueError, match="the cycle model needs the DDR's timing"):
+        core.expected_cycles(pre)
+    timed = CoreJob(lay, layer=0, start=2, tokens=3, heads=2, kv_heads=1, prefill=True,
+                    ddr=DdrSimConfig(latency=20), b_latency=4)
+    slower = CoreJob(lay, layer=0, start=2, tokens=3, heads=2, kv_heads=1, prefill=True,
+                     ddr=DdrSimConfig(latency=40, beats_per_window=1, window=2), b_latency=4)
+    assert core.expected_cycles(slower) > core.expected_cycles(timed)
     k_job, v_job = pre.write_jobs()
     assert (k_job.base, v_job.base) == (lay.k_base, lay.v_base)
     assert core.memory_blocks()["bram36"] > 0

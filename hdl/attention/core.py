@@ -43,8 +43,9 @@ class CoreJob:
     """One job of the core: a decode step (``prefill`` false: one new token at position
     ``start``, the query at ``start``) or a prefill chunk (``tokens`` new tokens at ``start ..
     start + tokens - 1``, ``plain``: the prefill unit's reference schedule) of layer
-    ``layer``, ``heads`` query heads over ``kv_heads`` KV heads. ``layout`` refuses a chunk
-    past its context (:meth:`KvLayout.check_room`'s message)."""
+    ``layer``, ``heads`` query heads over ``kv_heads`` KV heads; ``ddr`` and ``b_latency``
+    the memory's timing, for the cycle model. ``layout`` refuses a chunk past its context
+    (:meth:`KvLayout.check_room`'s message)."""
     layout: KvLayout
     layer: int
     start: int
@@ -53,6 +54,10 @@ class CoreJob:
     kv_heads: int
     prefill: bool
     plain: bool = False
+    #: The DDR model's timing, for :meth:`AttentionCore.expected_cycles` only: reads and
+    #: writes (``DdrSimConfig``) and the write response's latency (``DdrModel.b_latency``).
+    ddr: DdrSimConfig | None = None
+    b_latency: int = 2
 
     def __post_init__(self):
         int_in_range("layer", self.layer, 0, self.layout.layers - 1)
@@ -68,6 +73,9 @@ class CoreJob:
             raise ValueError(f"a decode step writes one token, not {self.tokens}")
         if self.plain and not self.prefill:
             raise ValueError("plain is the prefill unit's schedule; a decode step has none")
+        if self.ddr is not None and not isinstance(self.ddr, DdrSimConfig):
+            raise TypeError(f"ddr must be a DdrSimConfig, not {self.ddr!r}")
+        int_in_range("b_latency", self.b_latency, 1, why="cycles")
         self.layout.check_room(self.start, self.tokens)
 
     @property
@@ -78,11 +86,11 @@ class CoreJob:
                               kv_heads=self.kv_heads, plain=self.plain)
         return DecodeJob(position=self.start, heads=self.heads, kv_heads=self.kv_heads)
 
-    def write_jobs(self, *, beats_per_window: int = 1, window: int = 1,
-                   b_latency: int = 2) -> list[KvWriteJob]:
-        """The writer's two jobs, K region then V region (the DDR timing only matters for
-        ``KvCacheWriter.expected_cycles``)."""
-        lay = self.layout
+    def write_jobs(self) -> list[KvWriteJob]:
+        """The writer's two jobs, K region then V region (with the job's DDR timing, or full
+        rate when it has none: it only matters for ``KvCacheWriter.expected_cycles``)."""
+        lay, ddr = self.layout, self.ddr or DdrSimConfig()
+        beats_per_window, window, b_latency = ddr.beats_per_window, ddr.window, self.b_latency
         return [KvWriteJob(lay, base=base + self.layer * lay.layer_stride,
                            position=self.start, positions=self.tokens, heads=self.kv_heads,
                            beats_per_window=beats_per_window, window=window,
@@ -220,10 +228,11 @@ class AttentionCore(wiring.Component):
                        .reshape(kv_heads, lay.max_context, lay.head_dim))
         return out[0], out[1]
 
-    def expected_cycles(self, job: CoreJob, ddr: DdrSimConfig, *, b_latency: int) -> int:
+    def expected_cycles(self, job: CoreJob) -> int:
         """Cycles from the first ``kv_new`` beat taken to the last ``out`` beat, inclusive,
         with ``kv_new`` and ``q`` always offered and ``out`` never stalled, against a
-        ``DdrModel`` of timing ``ddr`` (reads and writes) and write response ``b_latency``.
+        ``DdrModel`` of timing ``job.ddr`` (reads and writes) and write response
+        ``job.b_latency``.
 
         Composed from the children's models (cycle 0: the first ``kv_new`` beat; the K job
         was taken on cycle -1):
@@ -242,8 +251,10 @@ class AttentionCore(wiring.Component):
           ``PrefillAttention.expected_cycles``'s, in real cycles).
         """
         self.check_job(job)
-        k_job, v_job = job.write_jobs(beats_per_window=ddr.beats_per_window,
-                                      window=ddr.window, b_latency=b_latency)
+        if job.ddr is None:
+            raise ValueError("the cycle model needs the DDR's timing: give the job ddr=")
+        ddr = job.ddr
+        k_job, v_job = job.write_jobs()
         last_k_done = -1 + self.writer.expected_cycles(k_job) - 1
         last_v_done = last_k_done + 1 + self.writer.expected_cycles(v_job) - 1
         q_from, r0 = last_v_done + 2, last_v_done + 3
