@@ -40,7 +40,7 @@ __all__ = [
     "BURST_INCR", "RESP_OKAY", "PAGE_BYTES",
     "AxiReadAddressSignature", "AxiReadDataSignature", "AxiReadSignature",
     "AxiReadMaster", "AxiReadTiming", "ReadJob", "BurstSplitter", "check_axi_widths",
-    "check_master_shape", "split_bursts",
+    "check_master_shape", "split_bursts", "address_channel_members",
 ]
 
 #: ``arburst`` encoding of an incrementing burst (AXI4 A3.4.1).
@@ -72,30 +72,38 @@ def check_master_shape(*, addr_width: int, length_width: int, max_burst: int,
     int_in_range("max_outstanding", max_outstanding, 1, most_outstanding)
 
 
+def address_channel_members(prefix: str, *, addr_width: int, id_width: int) -> dict:
+    """The members of an AXI4 address channel, ``ar`` or ``aw`` (master's view):
+    ``{prefix}addr``, ``len`` (beats - 1), ``size`` (log2 bytes per beat), ``burst``,
+    ``valid`` out, ``ready`` in, and ``{prefix}id`` out when ``id_width > 0``."""
+    check_axi_widths(addr_width=addr_width, id_width=id_width)
+    members = {
+        f"{prefix}addr": Out(addr_width),
+        f"{prefix}len": Out(8),
+        f"{prefix}size": Out(3),
+        f"{prefix}burst": Out(2),
+        f"{prefix}valid": Out(1),
+        f"{prefix}ready": In(1),
+    }
+    if id_width:
+        members[f"{prefix}id"] = Out(id_width)
+    return members
+
+
 class AxiReadAddressSignature(wiring.Signature):
     """AXI4 AR channel, master's view. ``arsize``: log2(bytes per beat); ``arlen``: beats - 1."""
 
     def __init__(self, *, addr_width: int = AXI_ADDR_WIDTH, id_width: int = 0):
-        check_axi_widths(addr_width=addr_width, id_width=id_width)
         self.addr_width = addr_width
         self.id_width = id_width
-        members = {
-            "araddr": Out(addr_width),
-            "arlen": Out(8),
-            "arsize": Out(3),
-            "arburst": Out(2),
-            "arvalid": Out(1),
-            "arready": In(1),
-        }
-        if id_width:
-            members["arid"] = Out(id_width)
-        super().__init__(members)
+        super().__init__(address_channel_members("ar", addr_width=addr_width,
+                                                 id_width=id_width))
 
 
 class AxiReadDataSignature(wiring.Signature):
     """AXI4 R channel, slave's view (the slave drives ``rdata``; the master uses it flipped)."""
 
-    def __init__(self, *, data_width: int = 128, id_width: int = 0):
+    def __init__(self, *, data_width: int, id_width: int = 0):
         check_axi_widths(data_width=data_width, id_width=id_width)
         self.data_width = data_width
         self.id_width = id_width
@@ -114,7 +122,7 @@ class AxiReadDataSignature(wiring.Signature):
 class AxiReadSignature(wiring.Signature):
     """An AXI4 read port, master's view: ``ar`` out, ``r`` in."""
 
-    def __init__(self, *, data_width: int = 128, addr_width: int = AXI_ADDR_WIDTH, id_width: int = 0):
+    def __init__(self, *, data_width: int, addr_width: int = AXI_ADDR_WIDTH, id_width: int = 0):
         check_axi_widths(data_width=data_width, addr_width=addr_width, id_width=id_width)
         self.data_width = data_width
         self.addr_width = addr_width

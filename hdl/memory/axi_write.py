@@ -25,7 +25,8 @@ from amaranth.lib.wiring import In, Out
 from trilut.config import memory_blocks, sum_memory
 from trilut.models.checks import int_in_range
 from trilut.hdl.memory.axi import (AXI4_MAX_BURST, RESP_OKAY, BurstSplitter,
-                                   check_axi_widths, check_master_shape, split_bursts)
+                                   address_channel_members, check_axi_widths,
+                                   check_master_shape, split_bursts)
 
 __all__ = ["AxiWriteAddressSignature", "AxiWriteDataSignature", "AxiWriteResponseSignature",
            "AxiWriteSignature", "AxiWriteMaster", "WriteJob"]
@@ -35,18 +36,8 @@ class AxiWriteAddressSignature(wiring.Signature):
     """AXI4 AW channel, master's view. ``awsize``: log2(bytes per beat); ``awlen``: beats - 1."""
 
     def __init__(self, *, addr_width: int, id_width: int = 0):
-        check_axi_widths(addr_width=addr_width, id_width=id_width)
-        members = {
-            "awaddr": Out(addr_width),
-            "awlen": Out(8),
-            "awsize": Out(3),
-            "awburst": Out(2),
-            "awvalid": Out(1),
-            "awready": In(1),
-        }
-        if id_width:
-            members["awid"] = Out(id_width)
-        super().__init__(members)
+        super().__init__(address_channel_members("aw", addr_width=addr_width,
+                                                 id_width=id_width))
 
 
 class AxiWriteDataSignature(wiring.Signature):
