@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from trilut.config import DatapathConfig, DdrSimConfig, EngineConfig
+from ddr_blocks import DATAPATH, ENGINE, EPS, SETTINGS
+
+from trilut.config import DdrSimConfig
 from trilut.hdl.linear.bitlinear import BitLinear
 from trilut.host.layer_runs import bitlinear_job, run_job, with_expected_cycles
 from trilut.host.weight_image import compile_weight_image
@@ -23,15 +25,7 @@ from trilut.models.checkpoint import build_tiny_checkpoint, load_checkpoint
 from trilut.sim.transport import SimulationTransport, expected_cycles
 
 pytestmark = pytest.mark.rtl
-EPS = 1e-5
 
-ENGINE = EngineConfig(group_size=3, tables_per_step=4, columns_per_cycle=4, accumulator_depth=16,
-                      max_k=1024)
-DATAPATH = DatapathConfig(ddr_word_bits=64, tile_beats=512, lanes=4, norm_eps=EPS)
-SETTINGS = {
-    "ddr-full-rate": DdrSimConfig(latency=20, beats_per_window=1, window=1),
-    "ddr-half-rate": DdrSimConfig(latency=40, beats_per_window=1, window=2),
-}
 # (layer, the norm in front of it)
 LAYERS = [("layers.0.self_attn.q_proj", "layers.0.input_layernorm"),      # 256 -> 256
           ("layers.0.mlp.gate_proj", "layers.0.post_attention_layernorm")]  # 256 -> 640

@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from trilut.config import DatapathConfig, DdrSimConfig, EngineConfig
+from ddr_blocks import DATAPATH, ENGINE, EPS, SETTINGS
+
+from trilut.config import DdrSimConfig
 from trilut.hdl.decoder.ffn_block import FfnBlock
 from trilut.host.layer_runs import ffn_job, ffn_layers, ffn_level2, run_job, with_expected_cycles
 from trilut.host.weight_image import compile_weight_image
@@ -26,7 +28,6 @@ from trilut.models.checkpoint import build_tiny_checkpoint, load_checkpoint
 from trilut.sim.transport import SimulationTransport, expected_cycles
 
 pytestmark = pytest.mark.rtl
-EPS = 1e-5
 
 
 def run_ffn(image, x, *, activation="relu2", ddr, stall, seed=1, run_dir, exact=False,
@@ -55,13 +56,6 @@ def block_model(block, image, h):
                        *(image.layer_values(names[k]) for k in ("gate", "up", "down")),
                        *(float(image.scale(names[k])) for k in ("gate", "up", "down")))
 
-ENGINE = EngineConfig(group_size=3, tables_per_step=4, columns_per_cycle=4, accumulator_depth=16,
-                      max_k=1024)
-DATAPATH = DatapathConfig(ddr_word_bits=64, tile_beats=512, lanes=4, norm_eps=EPS)
-SETTINGS = {
-    "ddr-full-rate": DdrSimConfig(latency=20, beats_per_window=1, window=1),
-    "ddr-half-rate": DdrSimConfig(latency=40, beats_per_window=1, window=2),
-}
 
 
 def _tiny(path, activation):
