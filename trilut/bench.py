@@ -114,9 +114,9 @@ def run_ddr_linear_benchmark(*, quick: bool = False, console: Console | None = N
     from trilut.host.weight_image import compile_weight_image
     from trilut.models import numerics as nm
     from trilut.models.checkpoint import build_tiny_checkpoint, load_checkpoint
-    from trilut.hdl.linear.tlmm_engine import TlmmEngine
+    from trilut.hdl.linear.tlmm_engine import TlmmEngine, TlmmJob
     from trilut.host.layer_runs import layer_from_ddr_job
-    from trilut.sim.transport import SimulationTransport
+    from trilut.sim.transport import SimulationTransport, expected_cycles
 
     console = console or Console()
     small = EngineConfig(group_size=3, tables_per_step=4, columns_per_cycle=4,
@@ -150,16 +150,20 @@ def run_ddr_linear_benchmark(*, quick: bool = False, console: Console | None = N
                 feed = job.weight_words / ddr.words_per_cycle
                 bound = max(engine_cycles, feed)
                 rows.append({"config": name, "layer": layer, "shape": [n, k],
-                             "cycles": phase.cycles, "engine_cycles": engine_cycles,
+                             "cycles": phase.cycles,
+                             "expected_cycles": expected_cycles(job.request, job.run.phases[0]),
+                             "engine_cycles": engine_cycles,
                              "weight_feed_cycles": feed, "cycles_over_bound": phase.cycles / bound,
                              "bit_exact": bool(np.array_equal(got, job.expected[0]))})
-    table = Table(title="Linear layer fed from DDR (1 token): cycles vs the weight-feed bound")
-    for col in ("config", "layer (N x K)", "cycles", "engine alone", "weight feed bound",
-                "cycles / bound", "exact"):
+    table = Table(title="Linear layer fed from DDR (1 token): cycles vs its model and the "
+                        "weight-feed bound")
+    for col in ("config", "layer (N x K)", "cycles", "= expected_cycles", "engine alone",
+                "weight feed bound", "cycles / bound", "exact"):
         table.add_column(col, justify="left" if col in ("config", "layer (N x K)") else "right")
     for r in rows:
         table.add_row(r["config"], f"{r['layer']} ({r['shape'][0]} x {r['shape'][1]})",
-                      str(r["cycles"]), str(r["engine_cycles"]), f"{r['weight_feed_cycles']:g}",
+                      str(r["cycles"]), "yes" if r["cycles"] == r["expected_cycles"] else "NO",
+                      str(r["engine_cycles"]), f"{r['weight_feed_cycles']:g}",
                       f"{r['cycles_over_bound']:.3f}", "yes" if r["bit_exact"] else "NO")
     console.print(table)
     return rows
