@@ -20,7 +20,7 @@ from trilut.models import numerics as nm
 from trilut.transport import BlockRequest, PhaseResult, StreamPhase, StreamRun, Transport
 
 __all__ = ["TlmmCase", "BlockJob", "tlmm_job", "layer_from_ddr_job", "bitlinear_job",
-           "ffn_layers", "ffn_job", "run_job", "with_expected_cycles"]
+           "ffn_layers", "ffn_job", "qkv_layers", "qkv_level2", "qkv_job", "run_job", "with_expected_cycles"]
 
 #: DDR error and AXI4-rule flags every DDR-fed run must leave at zero.
 _DDR_FLAGS = ("violations", "error", "r_stalled")
@@ -229,4 +229,60 @@ def ffn_job(image: WeightImage, h: np.ndarray, *, activation: str, tile_beats: i
     return BlockJob(request, StreamRun([phase], memory=memory, clean_flags=_DDR_FLAGS),
                     [expected], "y",
                     lambda i, beats: nm.unpack_lane_beats(beats, m, hidden, lanes),
+                    weight_words=m * sum(f.words_read for f in feeds))
+
+
+# --- the Q/K/V projection block -----------------------------------------------------------------
+
+def qkv_layers(layer: int = 0) -> dict[str, str]:
+    """The image names of decoder layer ``layer``'s Q/K/V projection tensors."""
+    p = f"layers.{layer}"
+    return {"q": f"{p}.self_attn.q_proj", "k": f"{p}.self_attn.k_proj",
+            "v": f"{p}.self_attn.v_proj", "norm": f"{p}.input_layernorm"}
+
+
+def qkv_level2(image: WeightImage, h: np.ndarray, *, eps: float, layer: int = 0
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The Q/K/V block's level-2 ``(q, k, v)`` with the image's weights, norm and scales
+    (q and k rows in the image's RoPE pair order)."""
+    names = qkv_layers(layer)
+    return nm.fp16_qkv(h, _norm_codes(image, names["norm"]),
+                       *(image.layer_values(names[k]) for k in "qkv"),
+                       tuple(float(image.scale(names[k])) for k in "qkv"),
+                       eps=eps, lanes=image.engine.columns_per_cycle)
+
+
+def qkv_job(image: WeightImage, h: np.ndarray, *, tile_beats: int, ddr: DdrSimConfig,
+            eps: float, layer: int = 0, stall: float = 0.0, seed: int = 1,
+            max_outstanding: "int | None" = None) -> BlockJob:
+    """``h``: fp16 codes ``[M, hidden]``, the residual stream entering the attention half;
+    the result per row is q | k | v (``unpack`` gives ``[M, q_out + 2 kv_out]``)."""
+    cfg = image.engine
+    lanes = cfg.columns_per_cycle
+    names = qkv_layers(layer)
+    q_out, hidden = image.layer_values(names["q"]).shape
+    kv_out = image.layer_values(names["k"]).shape[0]
+    m = h.shape[0]
+    depth = ddr_depth_for(image, [names[k] for k in "qkv"])
+    expected = np.concatenate(qkv_level2(image, h, eps=eps, layer=layer), axis=1)
+    feeds = [weight_feed(image, names[k], 1, tile_beats=tile_beats, ddr_depth=depth)
+             for k in "qkv"]
+    memory = {a: w for f in feeds for a, w in f.memory.items()}
+    norm_w = _norm_codes(image, names["norm"])
+    n = q_out + 2 * kv_out
+    phase = StreamPhase(
+        name=f"layers.{layer}.self_attn.qkv", stall=stall, seed=seed,
+        scalars={f"{k}_scale": _fp32_code(image.scale(names[k])) for k in "qkv"},
+        # Per row: q, k, v, each streamed from DDR.
+        inputs={"cmd": [c for _ in range(m) for f in feeds for c in f.cmd],
+                "tiles": [t for _ in range(m) for f in feeds for t in f.tiles],
+                "h": nm.lane_beats(h, lanes),
+                "norm_weight": nm.lane_beats(np.tile(norm_w, (m, 1)), lanes)},
+        expected={"y": nm.lane_beats(expected, lanes)})
+    request = BlockRequest("qkv_block", {
+        "engine": cfg, "hidden": hidden, "q_out": q_out, "kv_out": kv_out,
+        "datapath": _datapath(image, tile_beats, max_outstanding, norm_eps=eps),
+        **_ddr_params(ddr, depth)})
+    return BlockJob(request, StreamRun([phase], memory=memory, clean_flags=_DDR_FLAGS),
+                    [expected], "y", lambda i, beats: nm.unpack_lane_beats(beats, m, n, lanes),
                     weight_words=m * sum(f.words_read for f in feeds))

@@ -534,20 +534,16 @@ def fp16_attention(h, norm_weight, sub_norm_weight, q_values, k_values, v_values
     if start < 0 or start + t_len > k_cache.shape[1]:
         raise ValueError(f"positions {start}..{start + t_len - 1} do not fit the KV cache of "
                          f"{k_cache.shape[1]} positions")
-    q_scale, k_scale, v_scale, o_scale = scales
-    normed = fp16_rmsnorm(h, norm_weight, eps, partials=rmsnorm_partials(lanes))
-    codes, absmax = fp16_quantize_int8(normed)
-
-    def project(values, scale):
-        acc = ternary_matmul(codes, values)
-        return fp16_dequantize(acc, np.asarray(fp16_dequant_scale(absmax, scale)).reshape(-1, 1))
+    o_scale = scales[3]
+    q, k, v = fp16_qkv(h, norm_weight, q_values, k_values, v_values, scales[:3], eps=eps,
+                       lanes=lanes)
 
     def split(x, n):                                     # [T, n*d] -> [n, T, d]
         return x.reshape(t_len, n, head_dim).transpose(1, 0, 2)
 
-    q = at.fp16_rope(split(project(q_values, q_scale), heads), cos, sin)
-    k = at.fp16_rope(split(project(k_values, k_scale), kv_heads), cos, sin)
-    v = split(project(v_values, v_scale), kv_heads)
+    q = at.fp16_rope(split(q, heads), cos, sin)
+    k = at.fp16_rope(split(k, kv_heads), cos, sin)
+    v = split(v, kv_heads)
     k_cache[:, start:start + t_len] = k
     v_cache[:, start:start + t_len] = v
     if phase == "prefill":
@@ -560,3 +556,23 @@ def fp16_attention(h, norm_weight, sub_norm_weight, q_values, k_values, v_values
 
 
 __all__ += ["fp16_attention"]
+
+
+def fp16_qkv(h, norm_weight, q_values, k_values, v_values, scales: tuple[float, float, float],
+             *, eps: float, lanes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``x = norm(h); q, k, v = q/k/v_proj(x)`` on fp16 codes ``h[T, hidden]``, the three
+    projections sharing one int8 quantization of ``x``, as ``hdl.decoder.qkv_block`` does.
+    ``q/k_values`` in the weight image's row order (RoPE pair order); returns fp16 codes."""
+    h = np.asarray(h, dtype=np.uint16)
+    normed = fp16_rmsnorm(h, norm_weight, eps, partials=rmsnorm_partials(lanes))
+    codes, absmax = fp16_quantize_int8(normed)
+
+    def project(values, scale):
+        acc = ternary_matmul(codes, values)
+        return fp16_dequantize(acc, np.asarray(fp16_dequant_scale(absmax, scale)).reshape(-1, 1))
+
+    return tuple(project(v, s) for v, s in zip((q_values, k_values, v_values), scales,
+                                                strict=True))
+
+
+__all__ += ["fp16_qkv"]

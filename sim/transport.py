@@ -9,7 +9,7 @@ this: it hands over a ``BlockRequest`` and a ``StreamRun`` and gets ``PhaseResul
 Stall-free cycles: the host cannot ask the hardware blocks (it never imports ``hdl``), so
 the mapping from what it sends to what a block's cycle model takes lives here.
 :func:`block_job` turns a ``BlockRequest`` and one of its ``StreamPhase``s into the block's own
-job object (``WeightFedJob``, ``BitLinearJob``, ``FfnJob``: the shape from the phase's
+job object (``WeightFedJob``, ``BitLinearJob``, ``FfnJob``, ``QkvJob``: the shape from the phase's
 scalars and input beat counts, the read and tile commands decoded from the ``cmd`` /
 ``tiles`` beats with the block's own payload layouts, the DDR timing from the request), and
 :func:`expected_cycles` asks the block. A caller that wants the count asserted puts it in the
@@ -29,6 +29,7 @@ from amaranth.hdl import Elaboratable
 from trilut.config import AXI_ADDR_WIDTH
 from trilut.hdl.linear.bitlinear import BitLinear, BitLinearJob
 from trilut.hdl.decoder.ffn_block import FfnBlock, FfnJob
+from trilut.hdl.decoder.qkv_block import QkvBlock, QkvJob
 from trilut.hdl.linear.weight_fed_tlmm import WeightFedJob, WeightFedTlmm
 from trilut.hdl.linear.tlmm_engine import TlmmEngine, TlmmJob
 from trilut.sim.ddr_model import DdrHarness, DdrModel
@@ -55,6 +56,8 @@ BLOCK_KINDS = {
                                     p),
     "ffn_block": lambda p: _ddr_fed(FfnBlock(p["engine"], p["datapath"], hidden=p["hidden"],
                                              ffn=p["ffn"]), p),
+    "qkv_block": lambda p: _ddr_fed(QkvBlock(p["engine"], hidden=p["hidden"], q_out=p["q_out"],
+                                             kv_out=p["kv_out"], datapath=p["datapath"]), p),
 }
 
 
@@ -106,6 +109,9 @@ def block_job(request: BlockRequest, phase: StreamPhase, block: "wiring.Componen
                             n=s["n_groups"] * lanes, reads=reads, tiles=tiles, ddr=ddr)
     if isinstance(block, FfnBlock):
         return FfnJob(rows=len(phase.inputs["h"]) // block.hidden_beats, reads=reads,
+                      tiles=tiles, ddr=ddr)
+    if isinstance(block, QkvBlock):
+        return QkvJob(rows=len(phase.inputs["h"]) // block.hidden_beats, reads=reads,
                       tiles=tiles, ddr=ddr)
     raise ValueError(f"no job mapping for block kind {request.kind!r}")
 

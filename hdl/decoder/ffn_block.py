@@ -54,6 +54,7 @@ from trilut.hdl.elementwise.activation import GatedActivation
 from trilut.hdl.elementwise.dequant import Dequantizer
 from trilut.hdl.elementwise.lanes import lane_layout
 from trilut.hdl.elementwise.residual import ResidualAdd
+from trilut.hdl.decoder.sequencing import check_quantizer_keeps_up, norm_last_beats
 from trilut.hdl.linear.bitlinear import quantizer_latency
 from trilut.hdl.linear.weight_fed_tlmm import WeightFedTlmm
 from trilut.hdl.elementwise.act_quant import ActQuantizer
@@ -300,17 +301,10 @@ class FfnBlock(wiring.Component):
             raise ValueError(f"the cycle model times at most {most} rows, not {job.rows}")
         up_front = quantizer_latency(self.quant)
         down_front = quantizer_latency(self.sub_quant)
-        depth = self.cfg.accumulator_depth
         for name, groups, latency in (("gate/up", self.n_groups[GATE], up_front),
                                       ("down", self.n_groups[DOWN], down_front)):
-            tail = groups % depth
-            if min(groups, depth) < latency or 0 < tail < latency:
-                raise ValueError(f"{name}: an engine tile of {min(tail or depth, groups)} "
-                                 f"column groups is shorter than the quantizer's "
-                                 f"{latency}-cycle refill: the cycle model is exact only "
-                                 "without that wait")
-        norm_last = [self.norm.expected_cycles(RmsNormJob(n=self.hidden, rows=r + 1)) - 1
-                     for r in range(job.rows)]
+            check_quantizer_keeps_up(self.cfg, name, groups, latency)
+        norm_last = norm_last_beats(self.norm, self.hidden, job.rows)
         # The sub-norm's last output after its last input (one row at a time: a row's up
         # results come long after the previous row's sub-norm is done).
         sub_norm = self.sub_norm.expected_cycles(RmsNormJob(n=self.ffn, rows=1)) - self.ffn_beats
