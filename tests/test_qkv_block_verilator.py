@@ -114,3 +114,15 @@ def test_qkv_block_numerics_against_the_float_golden_model(tiny):
               f"cosine {cos:.6f}")
         # The golden model fake-quantizes the same way: fp16 rounding is what is left.
         assert cos > 0.9999 and rel < 0.01
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("shape, message", [
+    (dict(hidden=256, q_out=256, kv_out=130), r"kv_out = 130 must be a multiple of C = 4"),
+    (dict(hidden=256, q_out=256, kv_out=32), r"kv_out = 32 must be whole engine tiles of C \* "
+                                            r"accumulator_depth = 64 columns"),
+    (dict(hidden=258, q_out=256, kv_out=128), r"hidden = 258 must be a multiple of C = 4"),
+])
+def test_shapes_one_engine_row_cannot_serve_are_refused(shape, message):
+    with pytest.raises(ValueError, match=message):
+        QkvBlock(ENGINE, datapath=DATAPATH, **shape)

@@ -54,7 +54,7 @@ from trilut.hdl.elementwise.activation import GatedActivation
 from trilut.hdl.elementwise.dequant import Dequantizer
 from trilut.hdl.elementwise.lanes import lane_layout
 from trilut.hdl.elementwise.residual import ResidualAdd
-from trilut.hdl.decoder.sequencing import check_quantizer_keeps_up, norm_last_beats
+from trilut.hdl.linear.sequencing import check_quantizer_keeps_up, norm_last_beats
 from trilut.hdl.linear.bitlinear import quantizer_latency
 from trilut.hdl.linear.weight_fed_tlmm import WeightFedTlmm
 from trilut.hdl.elementwise.act_quant import ActQuantizer

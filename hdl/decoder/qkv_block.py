@@ -39,7 +39,7 @@ from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from trilut.config import DatapathConfig, DdrSimConfig, EngineConfig, sum_memory
-from trilut.hdl.decoder.sequencing import check_quantizer_keeps_up, norm_last_beats
+from trilut.hdl.linear.sequencing import check_quantizer_keeps_up, norm_last_beats
 from trilut.hdl.elementwise.act_quant import ActQuantizer
 from trilut.hdl.elementwise.dequant import DequantScale, Dequantizer
 from trilut.hdl.elementwise.lanes import lane_layout

@@ -29,7 +29,8 @@ from trilut.config import DatapathConfig, EngineConfig, sum_memory
 from trilut.hdl.elementwise.dequant import Dequantizer
 from trilut.hdl.linear.weight_fed_tlmm import WeightFedJob, WeightFedTlmm
 from trilut.hdl.elementwise.act_quant import ActQuantizer, ActQuantJob
-from trilut.hdl.elementwise.rmsnorm import RmsNorm, RmsNormJob
+from trilut.hdl.elementwise.rmsnorm import RmsNorm
+from trilut.hdl.linear.sequencing import check_quantizer_keeps_up, norm_last_beats
 from trilut.models import numerics as nm
 from trilut.models.checks import positive_int
 
@@ -163,14 +164,8 @@ class BitLinear(wiring.Component):
         dp = self.datapath
         shape = dp.shape(job.k, job.n)
         latency = self.act_latency()
-        depth = self.cfg.accumulator_depth
-        tail = shape[1] % depth
-        if min(shape[1], depth) < latency or 0 < tail < latency:
-            raise ValueError(f"an engine tile of {min(tail or depth, shape[1])} column groups "
-                             f"is shorter than the quantizer's {latency}-cycle refill: the "
-                             "cycle model is exact only without that wait")
-        first = [self.norm.expected_cycles(RmsNormJob(n=job.k, rows=r + 1)) - 1 + latency
-                 for r in range(job.rows)]
+        check_quantizer_keeps_up(self.cfg, "BitLinear", shape[1], latency)
+        first = [last + latency for last in norm_last_beats(self.norm, job.k, job.rows)]
         results = dp.timing(job.reads, job.tiles, job.ddr, [shape] * job.rows,
                             lambda row, done: first[row])
         return results[-1][-1] + self.dequant.latency + 1

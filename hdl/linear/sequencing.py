@@ -1,5 +1,5 @@
-"""Pieces of the decoder blocks' cycle models that more than one block composes (the FFN
-block, the Q/K/V projection block): where each row's activations can first reach the engine,
+"""Pieces of the cycle models that more than one block composes (BitLinear, the FFN block,
+the Q/K/V projection block): where each row's activations can first reach the engine,
 and the condition under which the quantizer in front of the engine never makes it wait."""
 
 from __future__ import annotations
