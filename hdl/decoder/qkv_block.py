@@ -39,7 +39,7 @@ from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from trilut.config import DatapathConfig, DdrSimConfig, EngineConfig, sum_memory
-from trilut.hdl.linear.sequencing import check_quantizer_keeps_up, norm_last_beats
+from trilut.hdl.linear.sequencing import norm_quant_matmul_cycles
 from trilut.hdl.elementwise.act_quant import ActQuantizer
 from trilut.hdl.elementwise.dequant import DequantScale, Dequantizer
 from trilut.hdl.elementwise.lanes import lane_layout
@@ -217,11 +217,6 @@ class QkvBlock(wiring.Component):
             raise ValueError(f"a segment of {min(self.n_groups.values())} column groups is "
                              f"shorter than the dequantizer's {DequantScale.interval}-cycle "
                              "scale interval: the cycle model is exact only without that wait")
-        latency = quantizer_latency(self.quant)
         groups = self.n // self.cfg.columns_per_cycle
-        check_quantizer_keeps_up(self.cfg, "q/k/v", groups, latency)
-        first = [t + latency for t in norm_last_beats(self.norm, self.hidden, job.rows)]
-        results = self.datapath.timing(job.reads, job.tiles, job.ddr,
-                                       [(self.k_blocks, groups)] * job.rows,
-                                       lambda row, done: first[row])
-        return results[-1][-1] + self.dequant.latency + 1
+        return norm_quant_matmul_cycles(self, "q/k/v", self.hidden, (self.k_blocks, groups),
+                                        job, quantizer_latency(self.quant))

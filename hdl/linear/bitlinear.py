@@ -30,7 +30,7 @@ from trilut.hdl.elementwise.dequant import Dequantizer
 from trilut.hdl.linear.weight_fed_tlmm import WeightFedJob, WeightFedTlmm
 from trilut.hdl.elementwise.act_quant import ActQuantizer, ActQuantJob
 from trilut.hdl.elementwise.rmsnorm import RmsNorm
-from trilut.hdl.linear.sequencing import check_quantizer_keeps_up, norm_last_beats
+from trilut.hdl.linear.sequencing import norm_quant_matmul_cycles
 from trilut.models import numerics as nm
 from trilut.models.checks import positive_int
 
@@ -161,11 +161,6 @@ class BitLinear(wiring.Component):
                              f"not {job.rows}")
         if job.k > self.norm.max_n:
             raise ValueError(f"k = {job.k} exceeds this BitLinear's max_k ({self.norm.max_n})")
-        dp = self.datapath
-        shape = dp.shape(job.k, job.n)
-        latency = self.act_latency()
-        check_quantizer_keeps_up(self.cfg, "BitLinear", shape[1], latency)
-        first = [last + latency for last in norm_last_beats(self.norm, job.k, job.rows)]
-        results = dp.timing(job.reads, job.tiles, job.ddr, [shape] * job.rows,
-                            lambda row, done: first[row])
-        return results[-1][-1] + self.dequant.latency + 1
+        return norm_quant_matmul_cycles(self, "BitLinear", job.k,
+                                        self.datapath.shape(job.k, job.n), job,
+                                        self.act_latency())
