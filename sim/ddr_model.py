@@ -80,7 +80,9 @@ class DdrModel(wiring.Component):
       ``window`` cycles from a token bucket of its own (reads and writes do not share
       bandwidth in this model: a simplification, docs/memory.md), each written with its
       ``wstrb`` byte enables. The burst's B (OKAY, ``bid`` = ``awid``) is offered
-      ``b_latency`` cycles after its last W beat, in order.
+      ``b_latency`` cycles after its last W beat, in order. The write channels' ID width
+      is ``write_id_width`` (default: ``id_width``): a block whose reads go through an
+      ``AxiReadArbiter`` (IDs) and whose writes come from one master (none) has both.
     * ``write_violations`` out: sticky flags (:data:`WRITE_VIOLATION_LAYOUT`).
     * ``peek`` in (``word_addr``) / ``peek_data`` out: read any word back (one per cycle,
       ``peek_data`` registered, holding under backpressure). A read of a word written in the
@@ -95,8 +97,11 @@ class DdrModel(wiring.Component):
 
     def __init__(self, *, depth: int, data_width: int, addr_width: int, ddr: DdrSimConfig,
                  id_width: int = 0, ar_queue_depth: int = 8, write: bool = False,
-                 b_latency: int = 2):
+                 b_latency: int = 2, write_id_width: int | None = None):
         check_axi_widths(data_width=data_width, addr_width=addr_width, id_width=id_width)
+        if write_id_width is None:
+            write_id_width = id_width
+        check_axi_widths(data_width=data_width, addr_width=addr_width, id_width=write_id_width)
         power_of_two("depth", depth, 2, why="words")
         if depth * (data_width // 8) > 2 ** addr_width:
             raise ValueError(f"depth {depth} words of {data_width} bits exceeds the "
@@ -116,6 +121,7 @@ class DdrModel(wiring.Component):
         self.data_width = data_width
         self.addr_width = addr_width
         self.id_width = id_width
+        self.write_id_width = write_id_width
         self.latency = latency
         self.beats_per_window = beats_per_window
         self.window = window
@@ -137,7 +143,7 @@ class DdrModel(wiring.Component):
         if write:
             members.update({
                 "axi_w": In(AxiWriteSignature(data_width=data_width, addr_width=addr_width,
-                                              id_width=id_width)),
+                                              id_width=write_id_width)),
                 "write_violations": Out(WRITE_VIOLATION_LAYOUT),
                 "peek": In(stream.Signature(unsigned(self.word_addr_width))),
                 "peek_data": Out(stream.Signature(data_width)),
@@ -224,8 +230,9 @@ class DdrModel(wiring.Component):
         addr, length = getattr(channel, f"{prefix}addr"), getattr(channel, f"{prefix}len")
         valid, ready = getattr(channel, f"{prefix}valid"), getattr(channel, f"{prefix}ready")
         size = (self.bytes_per_word - 1).bit_length()
+        id_width = self.id_width if prefix == "ar" else self.write_id_width
         fields = {"word": unsigned(self.word_addr_width), "len": unsigned(8),
-                  "id": unsigned(max(1, self.id_width))}
+                  "id": unsigned(max(1, id_width))}
         if due is not None:
             fields["due"] = unsigned(_TIME_WIDTH)
         entry = data.StructLayout(fields)
@@ -236,7 +243,7 @@ class DdrModel(wiring.Component):
                      ready.eq(queue.w_rdy)]
         if due is not None:
             m.d.comb += pushed.due.eq(due)
-        if self.id_width:
+        if id_width:
             m.d.comb += pushed.id.eq(getattr(channel, f"{prefix}id"))
         _check_burst(m, flags, take=valid & ready, addr=addr, length=length,
                      size=getattr(channel, f"{prefix}size"),
@@ -269,7 +276,7 @@ class DdrModel(wiring.Component):
                 m.d.sync += self.write_violations.wlast.eq(1)
 
         # ---- B: one response per burst, b_latency cycles after its last beat ---------------
-        response = data.StructLayout({"id": unsigned(max(1, self.id_width)),
+        response = data.StructLayout({"id": unsigned(max(1, self.write_id_width)),
                                       "due": unsigned(_TIME_WIDTH)})
         m.submodules.b_queue = b_queue = fifo.SyncFIFO(width=response.size,
                                                        depth=self.ar_queue_depth)
@@ -281,7 +288,7 @@ class DdrModel(wiring.Component):
         m.d.comb += since_due.eq(now - b_head.due)
         m.d.comb += [bch.bvalid.eq(b_queue.r_rdy & ~since_due[-1]), bch.bresp.eq(RESP_OKAY),
                      b_queue.r_en.eq(bch.bvalid & bch.bready)]
-        if self.id_width:
+        if self.write_id_width:
             m.d.comb += bch.bid.eq(b_head.id)
 
         # ---- read-back ------------------------------------------------------------------------
