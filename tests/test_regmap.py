@@ -188,3 +188,53 @@ def test_slave_matches_model_in_every_channel_order(bready_delay):
     assert model.read(regmap.offset("VERSION")) == (0x10000, RESP_OKAY)
     assert model.read(regmap.offset("CYCLES_DECODE_HI")) == (0x0FED_CBA9, RESP_OKAY)
     assert model.values["MODE"] in (0, 1)
+
+
+def test_one_transaction_takes_expected_cycles():
+    """Write (AW and W together) and read on an idle slave, ``bready``/``rready`` high: the
+    handshake cycles counted inclusive equal ``expected_cycles``."""
+    from trilut.hdl.control.regmap import AxiLiteJob
+    regmap = accelerator_registers()
+    dut = AxiLiteSlave(regmap)
+    a = dut.axil
+    measured = {}
+
+    async def testbench(ctx):
+        ctx.set(a("bready"), 1)
+        ctx.set(a("rready"), 1)
+        ctx.set(a("awaddr"), regmap.offset("MODE"))
+        ctx.set(a("wdata"), 1)
+        ctx.set(a("wstrb"), 0xF)
+        ctx.set(a("awvalid"), 1)
+        ctx.set(a("wvalid"), 1)
+        assert ctx.get(a("awready")) and ctx.get(a("wready"))
+        cycle = 0
+        await ctx.tick()
+        ctx.set(a("awvalid"), 0)
+        ctx.set(a("wvalid"), 0)
+        while not ctx.get(a("bvalid")):
+            cycle += 1
+            await ctx.tick()
+        measured["write"] = cycle + 2            # the AW/W cycle and the B cycle, inclusive
+        await ctx.tick()
+        ctx.set(a("araddr"), regmap.offset("MODE"))
+        ctx.set(a("arvalid"), 1)
+        assert ctx.get(a("arready"))
+        await ctx.tick()
+        ctx.set(a("arvalid"), 0)
+        cycle = 0
+        while not ctx.get(a("rvalid")):
+            cycle += 1
+            await ctx.tick()
+        measured["read"] = cycle + 2
+        assert ctx.get(a("rdata")) == 1
+        assert ctx.get(dut.register_port("MODE")) == 1
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-8)
+    sim.add_testbench(testbench)
+    sim.run()
+    assert measured == {"write": dut.expected_cycles(AxiLiteJob(write=True)),
+                        "read": dut.expected_cycles(AxiLiteJob(write=False))}
+    assert dut.memory_blocks() == {}
+    assert dut.model().read(regmap.offset("MODE"))[1] == 0     # OKAY from the reset model

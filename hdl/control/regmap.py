@@ -22,13 +22,14 @@ Any access to an offset no register holds answers SLVERR (resp 2) and changes no
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 import re
 
 from amaranth.hdl import Module, Signal
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-__all__ = ["ACCESS", "Field", "Register", "Word", "RegisterMap", "RegisterFileModel",
+__all__ = ["ACCESS", "AxiLiteJob", "Field", "Register", "Word", "RegisterMap", "RegisterFileModel",
            "AxiLiteSlave", "accelerator_registers", "REGMAP_VERSION",
            "RESP_OKAY", "RESP_SLVERR"]
 
@@ -283,6 +284,13 @@ class RegisterFileModel:
         return RESP_OKAY
 
 
+@dataclass(frozen=True)
+class AxiLiteJob:
+    """One AXI4-Lite transaction on an idle :class:`AxiLiteSlave`: a write (AW and W offered
+    on the same cycle) or a read, with ``bready`` / ``rready`` high."""
+    write: bool
+
+
 class AxiLiteSlave(wiring.Component):
     """AXI4-Lite slave serving a :class:`RegisterMap`, 32-bit data.
 
@@ -301,6 +309,26 @@ class AxiLiteSlave(wiring.Component):
     bits are ignored (``wstrb`` selects the bytes), and address bits above ``address_width``
     are not decoded.
     """
+
+    #: Cycles from the AW and W handshakes (taken together) to the B handshake, inclusive,
+    #: and from the AR handshake to the R handshake, inclusive.
+    WRITE_CYCLES, READ_CYCLES = 3, 2
+
+    def model(self, ro_values: "dict[str, int] | None" = None) -> "RegisterFileModel":
+        """The bit-exact model of the register file (responses and values)."""
+        return RegisterFileModel(self.regmap, ro_values)
+
+    def expected_cycles(self, job: AxiLiteJob) -> int:
+        """Cycles of one transaction on an idle slave (``WRITE_CYCLES`` / ``READ_CYCLES``):
+        the write takes effect the cycle after AW and W are held and ``bvalid`` rises with
+        it; a read answers the cycle after AR."""
+        if not isinstance(job, AxiLiteJob):
+            raise TypeError(f"expected an AxiLiteJob, not {job!r}")
+        return self.WRITE_CYCLES if job.write else self.READ_CYCLES
+
+    def memory_blocks(self) -> dict[str, float]:
+        """None: the registers are flip-flops."""
+        return {}
 
     def __init__(self, regmap: RegisterMap, *, prefix: str = "s_axil"):
         if not isinstance(regmap, RegisterMap):
